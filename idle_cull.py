@@ -1,0 +1,1295 @@
+"""idle-cull: stop idle or over-age JupyterHub servers in one pass, then exit.
+
+The file has four parts, in this order:
+  1. decisions: pure functions from a user model, a policy and "now" to a plan (no I/O);
+  2. the Hub client: the only place that speaks HTTP;
+  3. the pass: list users, plan, then carry the plan out concurrently, and report;
+  4. the command line: parse, validate, wire the parts together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib
+import json
+import logging
+import math
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+from urllib.parse import quote, urlsplit
+
+import click
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.util import Retry
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("idle_cull")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_HUB = 0, 1, 2, 3
+DEFAULT_URL = "http://127.0.0.1:8081/hub/api"
+PAGINATION_MEDIA_TYPE = "application/jupyterhub-pagination+json"
+# What the token must hold to see activity and stop servers, and in addition to delete users.
+SERVER_SCOPES = ("list:users", "read:users:activity", "read:servers", "delete:servers")
+USER_SCOPES = ("delete:users",)
+CLOCK_SKEW_WARNING = 60  # seconds
+RETRY_AFTER_CAP = 30  # seconds; a proxy asking for longer must not hang a cron job
+
+
+# ---------------------------------------------------------------------------
+# 1. Decisions (pure)
+# ---------------------------------------------------------------------------
+
+
+def parse_time(value: object) -> datetime | None:
+    """Read a JupyterHub timestamp; None when it is absent or unreadable.
+
+    The Hub writes UTC with a trailing Z, but older Hubs and proxies may drop the zone
+    or the fraction; a naive time is taken as UTC because that is what the Hub stores.
+    """
+    if not isinstance(value, str):
+        return None
+    try:
+        when = datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when
+
+
+def seconds_since(value: object, now: datetime) -> float | None:
+    when = parse_time(value)
+    return None if when is None else (now - when).total_seconds()
+
+
+@dataclass(frozen=True)
+class Policy:
+    timeout: int = 600
+    max_age: int = 0
+    cull_users: bool = False
+    cull_admin_users: bool = True
+    cull_default_servers: bool = True
+    cull_named_servers: bool = True
+    remove_named_servers: bool = False
+    arbiter: Callable[..., object] | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    cull: bool
+    reason: str
+    idle: float | None = None
+    age: float | None = None
+    error: str | None = None  # set when the verdict is "keep" because something failed
+
+
+def _ask_arbiter(arbiter, idle: float, limit: int, server: dict) -> tuple[bool, str | None]:
+    try:
+        return bool(
+            arbiter(inactive=timedelta(seconds=idle), inactive_limit=limit, server=server)
+        ), None
+    except Exception as exc:  # the operator's code: any failure means "keep"
+        return False, f"arbiter raised {type(exc).__name__}: {exc}"
+
+
+def server_verdict(name: str, server: dict, policy: Policy, now: datetime) -> Verdict:
+    """Should this server ("" is the default server) be stopped now?"""
+    if server.get("pending"):
+        return Verdict(False, f"pending {server['pending']}")
+    # Hubs before 0.9 had no "ready"; a URL meant the server was up.
+    if not server.get("ready", bool(server.get("url"))):
+        return Verdict(False, "not ready")
+    age = seconds_since(server.get("started"), now)
+    activity = server.get("last_activity")
+    # No activity yet means idle since it started; an unreadable one means "unknown".
+    idle = age if activity is None else seconds_since(activity, now)
+    if name and not policy.cull_named_servers:
+        return Verdict(False, "named servers are not culled", idle, age)
+    if not name and not policy.cull_default_servers:
+        return Verdict(False, "default servers are not culled", idle, age)
+    if idle is None and age is None:
+        return Verdict(False, "no readable last_activity or started")
+
+    error = None
+    if idle is None:
+        idle_says = False
+    elif policy.arbiter is not None:
+        idle_says, error = _ask_arbiter(policy.arbiter, idle, policy.timeout, server)
+        if idle_says:
+            return Verdict(True, f"arbiter: cull (idle {idle:.0f}s)", idle, age)
+    else:
+        idle_says = idle >= policy.timeout
+        if idle_says:
+            return Verdict(True, f"idle {idle:.0f}s >= timeout {policy.timeout}s", idle, age)
+    if policy.max_age and age is not None and age >= policy.max_age:
+        return Verdict(True, f"age {age:.0f}s >= max-age {policy.max_age}s", idle, age)
+    if error:
+        return Verdict(False, "arbiter failed", idle, age, error)
+    if idle is None:
+        return Verdict(False, "unreadable last_activity", idle, age)
+    if policy.arbiter is not None:
+        return Verdict(False, f"arbiter: keep (idle {idle:.0f}s)", idle, age)
+    return Verdict(False, f"active: idle {idle:.0f}s < timeout {policy.timeout}s", idle, age)
+
+
+def user_verdict(user: dict, policy: Policy, now: datetime) -> Verdict:
+    """Should this user, whose servers are all stopped (or about to be), be deleted?"""
+    age = seconds_since(user.get("created"), now)
+    activity = user.get("last_activity")
+    idle = age if activity is None else seconds_since(activity, now)
+    if user.get("admin") and not policy.cull_admin_users:
+        return Verdict(False, "admin users are not deleted", idle, age)
+    if idle is not None and idle >= policy.timeout:
+        return Verdict(True, f"idle {idle:.0f}s >= timeout {policy.timeout}s", idle, age)
+    if policy.max_age and age is not None and age >= policy.max_age:
+        return Verdict(True, f"age {age:.0f}s >= max-age {policy.max_age}s", idle, age)
+    if idle is None:
+        return Verdict(False, "no readable last_activity or created", idle, age)
+    return Verdict(False, f"active: idle {idle:.0f}s < timeout {policy.timeout}s", idle, age)
+
+
+@dataclass(frozen=True)
+class Stop:
+    server: str  # "" is the default server
+    remove: bool
+    verdict: Verdict
+
+
+@dataclass(frozen=True)
+class UserPlan:
+    user: str
+    stops: tuple[Stop, ...] = ()
+    delete: Verdict | None = None  # delete the user once every stop has finished
+    kept: tuple[tuple[str | None, Verdict], ...] = ()  # what was left alone (None: the user)
+
+    @property
+    def actionable(self) -> bool:
+        return bool(self.stops or self.delete)
+
+
+def user_servers(user: dict) -> dict:
+    servers = user.get("servers")
+    if servers is None and "servers" not in user:
+        # Hubs before 0.9 without named servers describe the default server on the user.
+        servers = {}
+        if user.get("server"):
+            servers[""] = {k: user.get(k) for k in ("last_activity", "pending", "started")}
+            servers[""]["url"] = user["server"]
+    if not isinstance(servers, dict) or not all(isinstance(s, dict) for s in servers.values()):
+        raise ValueError("servers is not a mapping of server models")
+    return servers
+
+
+def plan_user(user: object, policy: Policy, now: datetime) -> UserPlan:
+    """Decide everything for one user model; ValueError when the model cannot be read."""
+    name = user.get("name") if isinstance(user, dict) else None
+    if not isinstance(name, str) or not name:
+        raise ValueError("user model without a name")
+    stops, kept = [], []
+    for server_name, server in user_servers(user).items():
+        verdict = server_verdict(server_name, server, policy, now)
+        if verdict.cull:
+            remove = bool(server_name) and policy.remove_named_servers
+            stops.append(Stop(server_name, remove, verdict))
+        else:
+            kept.append((server_name, verdict))
+    # The Hub refuses (500) to delete a user while a named server runs: named ones go first.
+    stops.sort(key=lambda stop: stop.server == "")
+    delete = None
+    if policy.cull_users and not kept:
+        verdict = user_verdict(user, policy, now)
+        if verdict.cull:
+            delete = verdict
+        else:
+            kept.append((None, verdict))
+    return UserPlan(name, tuple(stops), delete, tuple(kept))
+
+
+def missing_scopes(identity: dict, needed: tuple[str, ...]) -> list[str]:
+    """Scopes in `needed` that the token's own model lacks; none when the Hub lists no scopes."""
+    scopes = identity.get("scopes") if isinstance(identity, dict) else None
+    if not isinstance(scopes, list):
+        return []  # Hubs before 2.0 have no scopes to check
+    # A filtered scope ("delete:servers!group=x") still grants the action on some users.
+    held = {scope.split("!", 1)[0] for scope in scopes if isinstance(scope, str)}
+    return [scope for scope in needed if scope not in held]
+
+
+def supports_state_filter(version: object) -> bool:
+    """JupyterHub 1.3 added ?state=ready|inactive to the user list."""
+    match = re.match(r"(\d+)\.(\d+)", version) if isinstance(version, str) else None
+    return match is None or (int(match[1]), int(match[2])) >= (1, 3)
+
+
+# ---------------------------------------------------------------------------
+# 2. The Hub client: every HTTP request goes through here
+# ---------------------------------------------------------------------------
+
+
+class HubError(Exception):
+    """A request to the Hub failed. The message names what failed and never holds the token."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class _CappedRetry(Retry):
+    def parse_retry_after(self, retry_after: str) -> float:
+        return min(super().parse_retry_after(retry_after), RETRY_AFTER_CAP)
+
+
+class _TokenAuth(requests.auth.AuthBase):
+    def __init__(self, token: str):
+        self._header = f"token {token}"
+
+    def __call__(self, request):
+        request.headers["Authorization"] = self._header
+        return request
+
+
+class HubClient:
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        *,
+        concurrency: int = 10,
+        request_timeout: float = 60,
+        retries: int = 3,
+        verify: bool | str = True,
+        cert: tuple[str, str] | None = None,
+        hub_clock: bool = True,
+    ):
+        self.base = url.rstrip("/")
+        self.timeout = request_timeout
+        self.hub_clock = hub_clock
+        self._clock_anchor: tuple[datetime, float] | None = None
+        self._clock_lock = threading.Lock()
+        retry = _CappedRetry(
+            total=retries,
+            backoff_factor=0.5,
+            backoff_jitter=0.5,
+            backoff_max=RETRY_AFTER_CAP,
+            # Only idempotent requests are repeated: a list, or the stop/delete of a named thing.
+            allowed_methods=frozenset({"GET", "DELETE"}),
+            status_forcelist=(429, 500, 502, 503, 504),
+            respect_retry_after_header=True,
+            raise_on_status=False,
+            redirect=False,
+        )
+        # pool_block keeps connections (and so requests in flight) at `concurrency`.
+        adapter = HTTPAdapter(pool_maxsize=concurrency, max_retries=retry, pool_block=True)
+        self.session = requests.Session()
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self.session.cert = cert
+        # An explicit auth object keeps requests from replacing the token with ~/.netrc's.
+        self.session.auth = _TokenAuth(token)
+        self.session.headers["User-Agent"] = f"idle-cull/{__version__}"
+        # Passed with each request: requests would let REQUESTS_CA_BUNDLE override a session's
+        # verify=False or CA path, but still applies it when verify is simply True.
+        self.verify = verify
+
+    def close(self) -> None:
+        self.session.close()
+
+    def _request(self, method: str, path: str, what: str, **kwargs) -> requests.Response:
+        try:
+            response = self.session.request(
+                method,
+                self.base + path,
+                timeout=self.timeout,
+                verify=self.verify,
+                allow_redirects=False,
+                **kwargs,
+            )
+        except requests.exceptions.RetryError as exc:
+            raise HubError(f"{what}: gave up after retries ({_cause(exc)})") from None
+        except requests.Timeout:
+            raise HubError(f"{what}: no answer within {self.timeout:g}s") from None
+        except requests.RequestException as exc:
+            raise HubError(f"{what}: {_cause(exc)}") from None
+        self._note_hub_date(response)
+        return response
+
+    def _json(self, response: requests.Response, what: str) -> object:
+        if not response.ok:
+            raise HubError(
+                f"{what}: HTTP {response.status_code} {_message(response)}", response.status_code
+            )
+        try:
+            return response.json()
+        except ValueError:
+            raise HubError(f"{what}: the answer is not JSON") from None
+
+    def _note_hub_date(self, response: requests.Response) -> None:
+        if self._clock_anchor is not None:
+            return
+        try:
+            hub_time = parsedate_to_datetime(response.headers["Date"])
+        except (KeyError, TypeError, ValueError, IndexError):
+            return
+        if hub_time.tzinfo is None:
+            return
+        with self._clock_lock:
+            if self._clock_anchor is None:
+                self._clock_anchor = (hub_time, time.monotonic())
+
+    def now(self) -> datetime:
+        """The Hub's time: its Date header advanced by our monotonic clock.
+
+        A culler on another machine with a fast clock would otherwise cull early. The header
+        has one-second resolution and is truncated, so this errs towards culling later.
+        """
+        if self.hub_clock and self._clock_anchor is not None:
+            hub_time, anchor = self._clock_anchor
+            return hub_time + timedelta(seconds=time.monotonic() - anchor)
+        return datetime.now(UTC)
+
+    def clock_skew(self) -> float | None:
+        """Seconds by which our clock is ahead of the Hub's, when the Hub told its time."""
+        if self._clock_anchor is None:
+            return None
+        hub_time, anchor = self._clock_anchor
+        hub_now = hub_time + timedelta(seconds=time.monotonic() - anchor)
+        return (datetime.now(UTC) - hub_now).total_seconds()
+
+    def info(self) -> dict:
+        model = self._json(
+            self._request("GET", "/", "reading the Hub's version"), "reading the Hub's version"
+        )
+        return model if isinstance(model, dict) else {}
+
+    def identity(self) -> dict:
+        what = "reading the token's own model"
+        model = self._json(self._request("GET", "/user", what), what)
+        return model if isinstance(model, dict) else {}
+
+    def list_users(self, state: str | None, offset: int, limit: int) -> tuple[list, dict | None]:
+        """One page of users, and its pagination info (None from a Hub that does not page)."""
+        params = {"offset": offset}
+        if limit:
+            params["limit"] = limit
+        if state:
+            params["state"] = state
+        what = f"listing users (state={state or 'any'}, offset={offset})"
+        answer = self._json(
+            self._request(
+                "GET", "/users", what, params=params, headers={"Accept": PAGINATION_MEDIA_TYPE}
+            ),
+            what,
+        )
+        if isinstance(answer, list):
+            return answer, None
+        if isinstance(answer, dict) and isinstance(answer.get("items"), list):
+            pagination = answer.get("_pagination")
+            return answer["items"], pagination if isinstance(pagination, dict) else None
+        raise HubError(f"{what}: unexpected answer (neither a list nor a page of items)")
+
+    def stop_server(self, user: str, server: str, remove: bool) -> str:
+        """Stop (and with `remove`, delete) a server: 'done', 'stopping' (202) or 'gone' (404)."""
+        if server:
+            path = f"/users/{quote(user, safe='')}/servers/{quote(server, safe='')}"
+            what = f"stopping server {user}/{server}"
+        else:
+            path = f"/users/{quote(user, safe='')}/server"
+            what = f"stopping the default server of {user}"
+        response = self._request("DELETE", path, what, json={"remove": True} if remove else None)
+        return self._action_result(response, what)
+
+    def delete_user(self, user: str) -> str:
+        what = f"deleting user {user}"
+        response = self._request("DELETE", f"/users/{quote(user, safe='')}", what)
+        return self._action_result(response, what)
+
+    @staticmethod
+    def _action_result(response: requests.Response, what: str) -> str:
+        if response.status_code == 202:
+            return "stopping"
+        if response.status_code == 404:
+            return "gone"  # already stopped or deleted: what we wanted
+        if response.ok:
+            return "done"
+        raise HubError(
+            f"{what}: HTTP {response.status_code} {_message(response)}", response.status_code
+        )
+
+
+def _message(response: requests.Response) -> str:
+    try:
+        message = response.json().get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return str(message)[:200] if message else response.reason or ""
+
+
+def _cause(exc: BaseException) -> str:
+    # requests nests urllib3's reason several levels deep; the innermost is the useful one.
+    while exc.args and isinstance(exc.args[0], BaseException):
+        exc = exc.args[0]
+    reason = getattr(exc, "reason", None)
+    if isinstance(reason, BaseException):
+        exc = reason
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
+# ---------------------------------------------------------------------------
+# 3. The pass
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    action: str  # "stop", "remove" or "delete_user"
+    user: str
+    server: str
+    verdict: Verdict
+    result: str  # done, stopping, gone, failed, planned, skipped
+    error: str | None = None
+
+    def as_dict(self) -> dict:
+        return {
+            "action": self.action,
+            "user": self.user,
+            "server": self.server,
+            "reason": self.verdict.reason,
+            "idle_s": _round(self.verdict.idle),
+            "age_s": _round(self.verdict.age),
+            "result": self.result,
+            "error": self.error,
+        }
+
+
+def _round(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 1)
+
+
+@dataclass
+class Report:
+    dry_run: bool = False
+    users_scanned: int = 0
+    outcomes: list[Outcome] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    fatal: str | None = None  # the Hub could not be used at all
+    incomplete: str | None = None  # stopped early by --max-runtime or a signal
+    duration: float = 0.0
+
+    def count(self, actions: tuple[str, ...], results: tuple[str, ...]) -> int:
+        return sum(1 for o in self.outcomes if o.action in actions and o.result in results)
+
+    @property
+    def failures(self) -> int:
+        return sum(1 for o in self.outcomes if o.result == "failed") + len(self.errors)
+
+    @property
+    def exit_code(self) -> int:
+        if self.fatal:
+            return EXIT_HUB
+        return EXIT_FAILED if self.failures or self.incomplete else EXIT_OK
+
+    def summary(self) -> dict:
+        done = ("planned",) if self.dry_run else ("done", "gone")
+        return {
+            "users_scanned": self.users_scanned,
+            "servers_stopped": self.count(("stop", "remove"), done),
+            "servers_stopping": self.count(("stop", "remove"), ("stopping",)),
+            "named_servers_removed": self.count(("remove",), done),
+            "users_deleted": self.count(("delete_user",), done),
+            "failures": self.failures,
+        }
+
+    def as_dict(self) -> dict:
+        errors = [self.fatal] if self.fatal else []
+        if self.incomplete:
+            errors.append(self.incomplete)
+        return {
+            "ok": self.exit_code == EXIT_OK,
+            "exit_code": self.exit_code,
+            "dry_run": self.dry_run,
+            "duration_s": round(self.duration, 3),
+            "summary": self.summary(),
+            "actions": [o.as_dict() for o in self.outcomes],
+            "errors": errors + self.errors,
+        }
+
+
+@dataclass(frozen=True)
+class PassSettings:
+    concurrency: int = 10
+    page_size: int = 0
+    dry_run: bool = False
+    max_runtime: float = 0
+
+
+class _Gate:
+    """Says whether a new request may start: not after a stop signal or past the deadline."""
+
+    def __init__(self, stop: threading.Event, max_runtime: float):
+        self.stop = stop
+        self.deadline = time.monotonic() + max_runtime if max_runtime else None
+
+    def why_closed(self) -> str | None:
+        if self.stop.is_set():
+            return "stopped by a signal"
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return "--max-runtime reached"
+        return None
+
+
+def _next_offset(pagination: dict, base_url: str) -> int | None:
+    """The offset of the next page, checking that the link stays on our Hub."""
+    following = pagination.get("next")
+    if not following:
+        return None
+    if not isinstance(following, dict) or not isinstance(following.get("offset"), int):
+        raise HubError(f"unreadable pagination link {following!r:.100}")
+    link = following.get("url")
+    if link:
+        ours, theirs = urlsplit(base_url), urlsplit(link)
+        if theirs.netloc and (theirs.scheme, theirs.netloc) != (ours.scheme, ours.netloc):
+            raise HubError(f"the next page is on another host ({theirs.netloc}); not followed")
+    return following["offset"]
+
+
+def list_user_pages(
+    client: HubClient,
+    state: str | None,
+    settings: PassSettings,
+    pool: ThreadPoolExecutor,
+    gate: _Gate,
+    errors: list[str],
+) -> Iterator[list]:
+    """Pages of user models as they arrive; failures after the first page go to `errors`.
+
+    Once the first page gives the total, the other pages are fetched concurrently.
+    Offsets are only stable while nothing is stopped, so the caller acts after the listing.
+    """
+    items, pagination = client.list_users(state, 0, settings.page_size)
+    yield items
+    if pagination is None:
+        return  # a Hub that does not page answered with everyone
+    limit, total = pagination.get("limit"), pagination.get("total")
+    if not (isinstance(limit, int) and limit > 0 and isinstance(total, int)):
+        errors.append(f"listing users (state={state}): unreadable pagination {pagination!r:.100}")
+        return
+    page_budget = 2 * math.ceil(total / limit) + 10
+    offsets = range(limit, total, limit)
+    seen = {0, *offsets}
+    last_offset, last_pagination = 0, pagination
+    futures = {pool.submit(client.list_users, state, off, limit): off for off in offsets}
+    for future in as_completed(futures):
+        offset = futures.pop(future)
+        try:
+            items, page_pagination = future.result()
+        except HubError as exc:
+            errors.append(str(exc))
+            continue
+        if offset > last_offset:
+            last_offset, last_pagination = offset, page_pagination or {}
+        yield items
+    # Users added while we listed show up as a `next` after the last page we expected.
+    pages = len(seen)
+    try:
+        offset = _next_offset(last_pagination, client.base)
+        while offset is not None:
+            if offset in seen:
+                raise HubError(f"the next page repeats offset {offset}: listing stopped")
+            if pages >= page_budget:
+                raise HubError(f"listing did not end after {pages} pages: stopped")
+            if reason := gate.why_closed():
+                raise HubError(f"listing users: {reason}")
+            seen.add(offset)
+            pages += 1
+            items, page_pagination = client.list_users(state, offset, limit)
+            yield items
+            offset = _next_offset(page_pagination or {}, client.base)
+    except HubError as exc:
+        errors.append(f"listing users (state={state}): {exc}")
+
+
+def carry_out(client: HubClient, plan: UserPlan, dry_run: bool, gate: _Gate) -> list[Outcome]:
+    """Act on one user's plan: stops first, then the user, only if every stop finished."""
+    outcomes = []
+    for stop in plan.stops:
+        action = "remove" if stop.remove else "stop"
+        outcomes.append(
+            _act(
+                lambda s=stop: client.stop_server(plan.user, s.server, s.remove),
+                action,
+                plan.user,
+                stop.server,
+                stop.verdict,
+                dry_run,
+                gate,
+            )
+        )
+    if plan.delete:
+        unfinished = [o for o in outcomes if o.result not in ("done", "gone", "planned")]
+        if unfinished:
+            waiting = ", ".join(o.server or "(default)" for o in unfinished)
+            outcomes.append(
+                Outcome(
+                    "delete_user",
+                    plan.user,
+                    "",
+                    plan.delete,
+                    "skipped",
+                    f"server not stopped yet: {waiting}",
+                )
+            )
+        else:
+            outcomes.append(
+                _act(
+                    lambda: client.delete_user(plan.user),
+                    "delete_user",
+                    plan.user,
+                    "",
+                    plan.delete,
+                    dry_run,
+                    gate,
+                )
+            )
+    return outcomes
+
+
+def _act(request, action, user, server, verdict, dry_run, gate) -> Outcome:
+    if dry_run:
+        return Outcome(action, user, server, verdict, "planned")
+    if reason := gate.why_closed():
+        return Outcome(action, user, server, verdict, "skipped", reason)
+    try:
+        return Outcome(action, user, server, verdict, request())
+    except HubError as exc:
+        return Outcome(action, user, server, verdict, "failed", str(exc))
+
+
+def run_pass(
+    client: HubClient, policy: Policy, settings: PassSettings, stop: threading.Event
+) -> Report:
+    started = time.monotonic()
+    report = Report(dry_run=settings.dry_run)
+    gate = _Gate(stop, settings.max_runtime)
+    try:
+        _check_hub(client, policy, settings.dry_run)
+        states = _states(client.info().get("version"), policy)
+    except HubError as exc:
+        report.fatal = str(exc)
+        report.duration = time.monotonic() - started
+        return report
+    now = client.now()
+    skew = client.clock_skew()
+    if skew is not None and abs(skew) > CLOCK_SKEW_WARNING:
+        log.warning(
+            "this machine's clock is %+.0fs off the Hub's; using %s time",
+            skew,
+            "the Hub's" if client.hub_clock else "local",
+        )
+
+    plans: dict[str, UserPlan] = {}
+    with ThreadPoolExecutor(
+        max_workers=settings.concurrency, thread_name_prefix="idle-cull"
+    ) as pool:
+        for index, state in enumerate(states):
+            try:
+                for page in list_user_pages(client, state, settings, pool, gate, report.errors):
+                    report.users_scanned += len(page)
+                    _plan_page(page, policy, now, plans, report)
+            except HubError as exc:
+                if index == 0:
+                    report.fatal = str(exc)
+                    report.duration = time.monotonic() - started
+                    return report
+                report.errors.append(str(exc))
+        futures = [
+            pool.submit(carry_out, client, plan, settings.dry_run, gate) for plan in plans.values()
+        ]
+        plans.clear()
+        for future in as_completed(futures):
+            for outcome in future.result():
+                _log_outcome(outcome)
+                report.outcomes.append(outcome)
+    report.incomplete = gate.why_closed()
+    report.duration = time.monotonic() - started
+    return report
+
+
+def _check_hub(client: HubClient, policy: Policy, dry_run: bool) -> None:
+    needed = SERVER_SCOPES + (USER_SCOPES if policy.cull_users else ())
+    missing = missing_scopes(client.identity(), needed)
+    if dry_run:
+        # A dry run sends no DELETE, so a read-only token may preview; say what a real run lacks.
+        if deletes := [s for s in missing if s.startswith("delete:")]:
+            log.warning("the token lacks %s: a real run would fail", ", ".join(deletes))
+        missing = [s for s in missing if not s.startswith("delete:")]
+    if missing:
+        raise HubError(f"the token lacks the scope(s) {', '.join(missing)} needed to cull")
+
+
+def _states(version: object, policy: Policy) -> list[str | None]:
+    if not supports_state_filter(version):
+        return [None]
+    # Users with no server at all are only in the "inactive" list; only user culling needs them.
+    return ["ready", "inactive"] if policy.cull_users else ["ready"]
+
+
+def _plan_page(page: list, policy: Policy, now: datetime, plans: dict, report: Report) -> None:
+    for user in page:
+        try:
+            plan = plan_user(user, policy, now)
+        except ValueError as exc:
+            name = user.get("name") if isinstance(user, dict) else None
+            report.errors.append(f"user {name or '?'}: unreadable model ({exc}); left alone")
+            log.error("user %s: unreadable model (%s); left alone", name or "?", exc)
+            continue
+        for server, verdict in plan.kept:
+            if verdict.error:
+                message = f"user {plan.user}{_server_suffix(server)}: {verdict.error}; kept"
+                report.errors.append(message)
+                log.error("%s", message)
+            else:
+                log.debug("keep user %s%s: %s", plan.user, _server_suffix(server), verdict.reason)
+        # The same user can show up twice when offsets shift between pages; act once.
+        if plan.actionable and plan.user not in plans:
+            plans[plan.user] = replace(plan, kept=())
+
+
+def _server_suffix(server: str | None) -> str:
+    if server is None:
+        return ""
+    return f" server {server}" if server else " default server"
+
+
+def _log_outcome(outcome: Outcome) -> None:
+    verdict = outcome.verdict
+    level = (
+        logging.ERROR
+        if outcome.result == "failed"
+        else (logging.WARNING if outcome.result in ("stopping", "skipped") else logging.INFO)
+    )
+    text = {"planned": "would do (dry run)", "stopping": "still stopping (202)"}.get(
+        outcome.result, outcome.result
+    )
+    log.log(
+        level,
+        "%s user=%s server=%s idle=%s age=%s reason=%s -> %s%s",
+        outcome.action,
+        outcome.user,
+        outcome.server or "(default)",
+        _seconds(verdict.idle),
+        _seconds(verdict.age),
+        verdict.reason,
+        text,
+        f": {outcome.error}" if outcome.error else "",
+        extra={"event": outcome.action, **outcome.as_dict()},
+    )
+
+
+def _seconds(value: float | None) -> str:
+    return "?" if value is None else f"{value:.0f}s"
+
+
+def summary_line(report: Report) -> str:
+    s = report.summary()
+    if report.fatal:
+        return f"summary: the Hub could not be used: {report.fatal}"
+    verb = "would stop" if report.dry_run else "stopped"
+    line = (
+        f"summary{' (dry run)' if report.dry_run else ''}: users scanned={s['users_scanned']}, "
+        f"servers {verb}={s['servers_stopped']}, still stopping={s['servers_stopping']}, "
+        f"named servers removed={s['named_servers_removed']}, users deleted={s['users_deleted']}, "
+        f"failures={s['failures']}, duration={report.duration:.2f}s"
+    )
+    return line + (f" (incomplete: {report.incomplete})" if report.incomplete else "")
+
+
+# ---------------------------------------------------------------------------
+# 4. The command line
+# ---------------------------------------------------------------------------
+
+
+class _Formatter(logging.Formatter):
+    """Text or JSON lines, with the token blotted out of anything that might echo it."""
+
+    def __init__(self, secret: str, as_json: bool):
+        super().__init__("[%(levelname)s %(asctime)s idle-cull] %(message)s")
+        self.secret, self.as_json = secret, as_json
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self.as_json:
+            entry = {
+                "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
+                "level": record.levelname.lower(),
+                "event": getattr(record, "event", "log"),
+                "message": record.getMessage(),
+            }
+            for key in ("user", "server", "reason", "idle_s", "age_s", "result", "error"):
+                if hasattr(record, key):
+                    entry[key] = getattr(record, key)
+            if record.exc_info:
+                entry["traceback"] = self.formatException(record.exc_info)
+            text = json.dumps(entry)
+        else:
+            text = super().format(record)
+        return text.replace(self.secret, "[token]") if self.secret else text
+
+
+def _setup_logging(level: str, log_format: str, secret: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(secret, log_format == "json"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.captureWarnings(True)
+
+
+BOOLEAN_OPTIONS = (
+    "cull-users",
+    "cull-admin-users",
+    "cull-default-servers",
+    "cull-named-servers",
+    "remove-named-servers",
+    "ssl-enabled",
+    "dry-run",
+    "json",
+    "insecure",
+)
+_TRUE, _FALSE = {"true", "1", "yes", "y", "on", "t"}, {"false", "0", "no", "n", "off", "f"}
+
+
+def normalize_argv(args: list[str]) -> list[str]:
+    """Accept the upstream culler's spellings: --cull_users, --cull-users=False."""
+    result = []
+    for position, arg in enumerate(args):
+        if arg == "--":
+            return result + args[position:]
+        if not arg.startswith("--"):
+            result.append(arg)
+            continue
+        name, equals, value = arg[2:].partition("=")
+        name = name.replace("_", "-")
+        if equals and name in BOOLEAN_OPTIONS:
+            if value.lower() in _TRUE:
+                arg = f"--{name}"
+            elif value.lower() in _FALSE:
+                arg = f"--no-{name}"
+            else:
+                raise click.BadParameter(f"{value!r} is not true or false", param_hint=f"--{name}")
+        else:
+            arg = f"--{name}{equals}{value}"
+        result.append(arg)
+    return result
+
+
+class _Command(click.Command):
+    """Every error is one line on stderr and exit 2: operators read cron mail, not tracebacks."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        try:
+            args = normalize_argv(list(sys.argv[1:] if args is None else args))
+            extra.pop("standalone_mode", None)
+            code = super().main(args, prog_name or "idle-cull", standalone_mode=False, **extra)
+        except click.exceptions.Abort:
+            code = 130
+        except click.ClickException as exc:
+            click.echo(f"idle-cull: error: {exc.format_message()}", err=True)
+            code = EXIT_USAGE
+        sys.exit(code or 0)
+
+
+def _load_config(ctx: click.Context, _param, path: str | None) -> str | None:
+    if not path:
+        return path
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc}") from None
+    # Keys are the long option names ("cull-users", or "cull_users" as upstream spells them).
+    known = {
+        opt[2:].replace("-", "_"): p.name
+        for p in ctx.command.params
+        for opt in p.opts
+        if opt.startswith("--") and p.name not in ("config", "version", "help")
+    }
+    settings = {}
+    for key, value in data.items():
+        name = known.get(key.replace("-", "_"))
+        if name is None:
+            raise click.BadParameter(f"{path}: unknown setting {key!r}")
+        settings[name] = value
+    ctx.default_map = {**(ctx.default_map or {}), **settings}
+    return path
+
+
+def _check_url(_ctx, _param, value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise click.BadParameter(f"{value!r} is not an http(s) URL like {DEFAULT_URL}")
+    return value
+
+
+def _load_arbiter(_ctx, _param, value: str | None):
+    if not value:
+        return None
+    module_name, _, function_name = value.partition(":")
+    if not module_name or not function_name:
+        raise click.BadParameter(f"{value!r} is not MODULE:FUNCTION")
+    # Like `python -m`, look in the working directory too.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except Exception as exc:
+        raise click.BadParameter(f"cannot load {value}: {type(exc).__name__}: {exc}") from None
+    if not callable(function):
+        raise click.BadParameter(f"{value} is not callable")
+    return function
+
+
+def _read_token(token_file: str | None) -> str:
+    if token_file:
+        try:
+            with open(token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as exc:
+            raise click.UsageError(f"cannot read the API token file: {exc.strerror}") from None
+        if not token:
+            raise click.UsageError(f"the API token file {token_file} is empty")
+        return token
+    token = os.environ.get("JUPYTERHUB_API_TOKEN", "").strip()
+    if not token:
+        raise click.UsageError("no API token: set JUPYTERHUB_API_TOKEN or --api-token-file")
+    return token
+
+
+def _tls(ssl_enabled: bool, certs: str, ca_bundle: str | None, insecure: bool):
+    cert = verify = None
+    if ssl_enabled:
+        cert = (
+            os.path.join(certs, "hub-internal", "hub-internal.crt"),
+            os.path.join(certs, "hub-internal", "hub-internal.key"),
+        )
+        verify = os.path.join(certs, "hub-ca", "hub-ca.crt")
+        for path in (*cert, verify):
+            if not os.path.isfile(path):
+                raise click.UsageError(
+                    f"--ssl-enabled: {path} not found (--internal-certs-location)"
+                )
+    if ca_bundle:
+        verify = ca_bundle
+    if insecure:
+        verify = False
+    return (True if verify is None else verify), cert
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event):
+    """SIGTERM/SIGINT finish the current request and report, instead of killing mid-pass."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {
+        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_file: str | None):
+    """Yields False when another pass holds the lock."""
+    if not lock_file:
+        yield True
+        return
+    try:
+        handle = open(lock_file, "a")
+    except OSError as exc:
+        raise click.UsageError(f"cannot open the lock file {lock_file}: {exc.strerror}") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
+def _duration(minimum: int = 0):
+    return click.IntRange(min=minimum)
+
+
+@click.command(
+    cls=_Command,
+    context_settings={
+        "auto_envvar_prefix": "IDLE_CULL",
+        "max_content_width": 100,
+        "help_option_names": ["-h", "--help"],
+    },
+)
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False),
+    is_eager=True,
+    expose_value=False,
+    callback=_load_config,
+    help="TOML file of settings (keys as the long options). Command line and "
+    "IDLE_CULL_* environment variables win over it.",
+)
+@click.option(
+    "--url",
+    callback=_check_url,
+    show_default="$JUPYTERHUB_API_URL, else " + DEFAULT_URL,
+    default=lambda: os.environ.get("JUPYTERHUB_API_URL") or DEFAULT_URL,
+    help="The Hub's API URL.",
+)
+@click.option(
+    "--api-token-file",
+    type=click.Path(dir_okay=False),
+    help="Read the API token from this file instead of $JUPYTERHUB_API_TOKEN.",
+)
+@click.option(
+    "--timeout",
+    type=_duration(1),
+    default=600,
+    show_default=True,
+    help="Seconds of inactivity after which a server is stopped.",
+)
+@click.option(
+    "--max-age",
+    type=_duration(),
+    default=0,
+    show_default=True,
+    help="Stop servers older than this many seconds even if active (0: never).",
+)
+@click.option(
+    "--cull-every",
+    type=_duration(),
+    default=None,
+    help="Run a pass every N seconds until SIGTERM (0: one pass, then exit). "
+    "Default 0, or timeout/2 when started by the Hub as a service.",
+)
+@click.option(
+    "--cull-users/--no-cull-users",
+    default=False,
+    show_default=True,
+    help="Also delete users whose servers are all stopped and who are idle or old.",
+)
+@click.option(
+    "--cull-admin-users/--no-cull-admin-users",
+    default=True,
+    show_default=True,
+    help="With --cull-users, may admin users be deleted.",
+)
+@click.option(
+    "--cull-default-servers/--no-cull-default-servers",
+    default=True,
+    show_default=True,
+    help="Stop idle default servers.",
+)
+@click.option(
+    "--cull-named-servers/--no-cull-named-servers",
+    default=True,
+    show_default=True,
+    help="Stop idle named servers.",
+)
+@click.option(
+    "--remove-named-servers/--no-remove-named-servers",
+    default=False,
+    show_default=True,
+    help="Delete named servers after stopping them.",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 1000),
+    default=10,
+    show_default=True,
+    help="Most requests in flight to the Hub at once.",
+)
+@click.option(
+    "--api-page-size",
+    type=_duration(),
+    default=0,
+    show_default=True,
+    help="Users per page when listing (0: the Hub's default).",
+)
+@click.option(
+    "--request-timeout",
+    type=click.FloatRange(0, min_open=True),
+    default=lambda: float(os.environ.get("JUPYTERHUB_REQUEST_TIMEOUT") or 60),
+    show_default="$JUPYTERHUB_REQUEST_TIMEOUT, else 60",
+    help="Seconds to wait for each answer from the Hub.",
+)
+@click.option(
+    "--retries",
+    type=click.IntRange(0, 20),
+    default=3,
+    show_default=True,
+    help="Retries of a failed GET or DELETE (connection errors, 429, 5xx), with backoff.",
+)
+@click.option(
+    "--ssl-enabled/--no-ssl-enabled",
+    default=False,
+    show_default=True,
+    help="Use JupyterHub's internal SSL certificates.",
+)
+@click.option(
+    "--internal-certs-location",
+    default="internal-ssl",
+    show_default=True,
+    help="Folder of JupyterHub's internal SSL certificates.",
+)
+@click.option(
+    "--ca-bundle",
+    type=click.Path(exists=True, dir_okay=False),
+    help="CA bundle to verify the Hub's certificate.",
+)
+@click.option(
+    "--insecure/--no-insecure",
+    default=False,
+    help="Do not verify the Hub's TLS certificate (warned on every pass).",
+)
+@click.option(
+    "--arbiter",
+    callback=_load_arbiter,
+    metavar="MODULE:FUNCTION",
+    help="Your own idle test, called as f(inactive=timedelta, inactive_limit=int, "
+    "server=dict) -> bool; it replaces the idle-timeout test.",
+)
+@click.option(
+    "--clock",
+    type=click.Choice(["hub", "local"]),
+    default="hub",
+    show_default=True,
+    help="Whose clock decides idle times: the Hub's (from its Date header) or ours.",
+)
+@click.option(
+    "--lock-file",
+    type=click.Path(dir_okay=False),
+    help="Skip the pass (exit 0) when another pass holds this lock.",
+)
+@click.option(
+    "--max-runtime",
+    type=_duration(),
+    default=0,
+    show_default=True,
+    help="Start no new action after this many seconds; exit 1 (0: no limit).",
+)
+@click.option("--dry-run/--no-dry-run", default=False, help="Decide and report; change nothing.")
+@click.option(
+    "--json/--no-json", "as_json", default=False, help="Print a JSON report of each pass on stdout."
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    default="INFO",
+    show_default=True,
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Log lines on stderr as text or as JSON.",
+)
+@click.version_option(__version__, prog_name="idle-cull")
+def main(
+    url,
+    api_token_file,
+    timeout,
+    max_age,
+    cull_every,
+    cull_users,
+    cull_admin_users,
+    cull_default_servers,
+    cull_named_servers,
+    remove_named_servers,
+    concurrency,
+    api_page_size,
+    request_timeout,
+    retries,
+    ssl_enabled,
+    internal_certs_location,
+    ca_bundle,
+    insecure,
+    arbiter,
+    clock,
+    lock_file,
+    max_runtime,
+    dry_run,
+    as_json,
+    log_level,
+    log_format,
+):
+    """Stop idle or over-age JupyterHub servers (and, if asked, delete idle users).
+
+    One pass, then exit: 0 all done, 1 some action failed, 2 bad usage, 3 Hub unusable.
+    """
+    token = _read_token(api_token_file)
+    verify, cert = _tls(ssl_enabled, internal_certs_location, ca_bundle, insecure)
+    _setup_logging(log_level, log_format, token)
+    if not cull_every and os.environ.get("JUPYTERHUB_SERVICE_NAME"):
+        # Started by the Hub, which restarts a service that exits: loop, as upstream does.
+        cull_every = max(1, timeout // 2)
+    if insecure:
+        urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+    policy = Policy(
+        timeout,
+        max_age,
+        cull_users,
+        cull_admin_users,
+        cull_default_servers,
+        cull_named_servers,
+        remove_named_servers,
+        arbiter,
+    )
+    settings = PassSettings(concurrency, api_page_size, dry_run, max_runtime)
+    client = HubClient(
+        url,
+        token,
+        concurrency=concurrency,
+        request_timeout=request_timeout,
+        retries=retries,
+        verify=verify,
+        cert=cert,
+        hub_clock=clock == "hub",
+    )
+    stop = threading.Event()
+    with _exclusive(lock_file) as acquired, _stop_on_signals(stop), contextlib.closing(client):
+        if not acquired:
+            log.info("another pass holds %s; nothing done", lock_file)
+            return EXIT_OK
+        while True:
+            if insecure:
+                log.warning("TLS verification is off (--insecure)")
+            report = run_pass(client, policy, settings, stop)
+            (log.error if report.exit_code else log.info)(summary_line(report))
+            if as_json:
+                click.echo(json.dumps(report.as_dict()))
+            if not cull_every:
+                return report.exit_code
+            if stop.wait(cull_every):
+                log.info("stopping on signal")
+                return EXIT_OK
+
+
+if __name__ == "__main__":
+    main()
