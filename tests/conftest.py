@@ -1,0 +1,102 @@
+"""Shared fixtures: a started fake Hub, and helpers that run the culler against it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+from fakehub import CULLER_SCOPES, FakeHub
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # idle_cull.py, even without the editable install
+TOKEN = "test-token-s3cr3t"
+
+# Settings from the outer environment must not leak into a run (e.g. JUPYTERHUB_SERVICE_NAME
+# would turn a one-pass run into a loop).
+_ENV_PREFIXES = ("IDLE_CULL_", "JUPYTERHUB_")
+
+
+@pytest.fixture
+def fake_hub() -> Iterator[FakeHub]:
+    with FakeHub(token=TOKEN, scopes=CULLER_SCOPES) as hub:
+        yield hub
+
+
+@pytest.fixture
+def hub_factory() -> Iterator:
+    """Start extra or differently configured hubs: hub_factory(version="1.2.0", ...)."""
+    hubs: list[FakeHub] = []
+
+    def make(**kwargs) -> FakeHub:
+        kwargs.setdefault("token", TOKEN)
+        kwargs.setdefault("scopes", CULLER_SCOPES)
+        hub = FakeHub(**kwargs).start()
+        hubs.append(hub)
+        return hub
+
+    yield make
+    for hub in hubs:
+        hub.stop()
+
+
+def _args(hub: FakeHub, args: tuple) -> list[str]:
+    args_list = [str(a) for a in args]
+    if not any(a == "--url" or a.startswith("--url=") for a in args_list):
+        args_list = ["--url", hub.url, *args_list]
+    return args_list
+
+
+def _parse_json(args: list[str], stdout: str):
+    if "--json" not in args or not stdout.strip():
+        return None
+    return json.loads(stdout)
+
+
+def run_cull(hub: FakeHub, *args, env: dict | None = None, input: str | None = None) -> Result:
+    """Run `idle_cull.main` in-process; the result also has `.json` (stdout parsed, with --json).
+
+    Exceptions propagate (catch_exceptions=False) so a traceback fails the test loudly
+    instead of looking like exit code 1.
+    """
+    import idle_cull  # lazily: the module under test may not import yet at collection time
+
+    args_list = _args(hub, args)
+    run_env: dict[str, str | None] = {k: None for k in os.environ if k.startswith(_ENV_PREFIXES)}
+    run_env["JUPYTERHUB_API_TOKEN"] = hub.token
+    run_env.update(env or {})
+    result = CliRunner().invoke(
+        idle_cull.main, args_list, env=run_env, input=input, catch_exceptions=False
+    )
+    result.json = _parse_json(args_list, result.stdout)
+    return result
+
+
+def run_cull_subprocess(
+    hub: FakeHub, *args, env: dict | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess:
+    """Run `python idle_cull.py` as a real process in the repo; `.json` as for run_cull."""
+    args_list = _args(hub, args)
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith(_ENV_PREFIXES)}
+    run_env["JUPYTERHUB_API_TOKEN"] = hub.token
+    for key, value in (env or {}).items():
+        if value is None:
+            run_env.pop(key, None)
+        else:
+            run_env[key] = value
+    proc = subprocess.run(
+        [sys.executable, "idle_cull.py", *args_list],
+        cwd=REPO,
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    proc.json = _parse_json(args_list, proc.stdout)
+    return proc

@@ -1,0 +1,773 @@
+"""A fake JupyterHub REST API on 127.0.0.1 (real HTTP), with fault injection.
+
+It answers the few endpoints a culler uses the way JupyterHub 6 does (see
+/work/shared/jupyterhub-api-notes.md), so tests exercise the real client code: sockets,
+keep-alive, retries, timeouts, URL quoting and pagination.
+
+    hub = FakeHub(token="t", scopes=CULLER_SCOPES)
+    with hub:                                  # hub.url == "http://127.0.0.1:PORT/hub/api"
+        hub.add_user("alice", servers={"": server(last_activity=iso(3600))})
+        ...run the culler...
+        assert hub.stops == [("alice", "")]
+
+Endpoints
+    GET    /hub/api/                         no auth; {"version": ...}
+    GET    /hub/api/user                     the token's own model ("scopes" unless scopes=None)
+    GET    /hub/api/users                    state=ready|active|inactive, offset, limit, pagination
+    GET    /hub/api/users/{name}             one user's model
+    DELETE /hub/api/users/{name}/server      stop the default server
+    DELETE /hub/api/users/{name}/servers/{s} stop a named server; body {"remove": true} deletes it
+    DELETE /hub/api/users/{name}             delete a user
+
+Behaviour worth knowing when writing tests
+- Listings show only *active* servers (running, pending or stopping), as the Hub does. A stopped
+  named server is kept aside so that stopping it again answers 204 and not 404.
+- ``state=ready`` is applied after offset/limit while ``total`` counts active users, so pages can
+  be short or empty while ``next`` is not null (as the real Hub).
+- Stopping: 204, and the server leaves the listing at once; the server's and the user's
+  ``last_activity`` become "now" (hub clock). A pending spawn is stopped at once too.
+  A server built with ``server(stop_after=S)`` is slow to stop: DELETE answers 202, the server
+  shows ``ready: False, pending: "stop"`` and is stopped for good by the first request the hub
+  handles at least S seconds later (S=0: the very next request). DELETE while stopping: 202.
+- Deleting a user: 404 unknown, 400 if the default server is still stopping, 500 if a named
+  server is running or stopping, else the default server is stopped and the user removed (204).
+- Auth: ``Authorization: token <t>`` (or ``bearer``). If ``scopes`` is a list, endpoints also
+  check their scope (with admin:users / admin:servers implying the usual sub-scopes) and answer
+  403 "... requires any of [scope]" like the Hub.
+- Every answer carries ``Date`` (hub clock = local clock + date_skew; left out with
+  send_date=False) and ``X-JupyterHub-Version``. 204 answers carry no Content-Length (RFC 9110),
+  every other answer does.
+
+Recording: ``hub.requests`` (list of Request), ``hub.counts`` (Counter by Request.kind),
+``hub.peak_in_flight``, ``hub.deletes()``, ``hub.stops`` ((user, server) the hub actually
+stopped or began stopping), ``hub.removed`` (named servers deleted), ``hub.deleted_users``,
+``hub.errors`` (tracebacks inside the fake itself; should stay empty).
+
+Faults: ``hub.add_fault(match, kind, times=None, **params)``. ``match`` is a callable taking the
+Request, or a ``(method, regex)`` tuple (method None = any; the regex is searched in the unquoted
+path). The first fault that matches and has uses left applies; ``times=N`` limits it to N uses so a
+retry can then succeed. Kinds and their params:
+    "status"       code=503, headers={} (e.g. {"Retry-After": "1"}), body=None (JSON error)
+    "hang"         seconds=5.0, then="close"|"answer": wait (longer than the client's read
+                   timeout), then drop the connection, or handle the request normally
+    "drop"         close the connection without answering
+    "malformed"    body=b'{"items": [' : 200, Content-Type application/json, not JSON
+    "loop_next"    offset=0: the listing's next link points to that (already served) offset
+    "foreign_next" base="http://evil.example:1/hub/api/users": next link on another host
+    "bad_model"    user=NAME (required), model=None: that user's model in listings and
+                   GET /users/NAME is replaced by `model` (default: BAD_USER_MODEL(name))
+A fault counts a use when it applies (bad_model: when the user was in the answer). Transport
+faults ("status", "hang", "drop", "malformed") come before the auth check, like a proxy in front
+of the Hub; the other kinds change an otherwise normal answer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.message import Message
+from email.utils import formatdate
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlencode
+
+PAGINATION_MEDIA_TYPE = "application/jupyterhub-pagination+json"
+
+# The scopes the culler needs (delete:users only with --cull-users).
+CULLER_SCOPES = [
+    "list:users",
+    "read:users:activity",
+    "read:servers",
+    "delete:servers",
+    "delete:users",
+]
+
+# Scopes that grant others, enough for the endpoints the fake serves.
+_IMPLIED_BY = {
+    "list:users": {"users", "admin:users"},
+    "read:users:activity": {"read:users", "users", "admin:users"},
+    "read:servers": {"servers", "admin:servers"},
+    "delete:servers": {"servers", "admin:servers"},
+    "delete:users": {"admin:users"},
+}
+
+FAULT_KINDS = {
+    "status",
+    "hang",
+    "drop",
+    "malformed",
+    "loop_next",
+    "foreign_next",
+    "bad_model",
+}
+_TRANSPORT_FAULTS = {"status", "hang", "drop", "malformed"}
+
+_DEFAULT = object()
+
+
+def fmt(dt: datetime) -> str:
+    """Format a datetime the way JupyterHub does: UTC, microseconds, 'Z'."""
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def iso(seconds_ago: float = 0.0, skew: float = 0.0) -> str:
+    """Timestamp `seconds_ago` before now (on a clock `skew` seconds ahead of the local one)."""
+    return fmt(datetime.fromtimestamp(time.time() + skew - seconds_ago, UTC))
+
+
+def server(
+    ready: bool = True,
+    pending: str | None = None,
+    started: Any = _DEFAULT,
+    last_activity: Any = _DEFAULT,
+    user_options: dict | None = None,
+    stop_after: float | None = None,
+    **extra: Any,
+) -> dict:
+    """A server model as listed by the Hub.
+
+    Defaults: started an hour ago, last active a minute ago (active for the default timeout).
+    `stop_after` makes it slow to stop (see the module docstring); `extra` adds or overrides
+    fields (e.g. unknown fields, garbage values).
+    """
+    model = {
+        "name": "",
+        "ready": ready,
+        "pending": pending,
+        "started": iso(3600) if started is _DEFAULT else started,
+        "stopped": False,
+        "last_activity": iso(60) if last_activity is _DEFAULT else last_activity,
+        "url": "/user/x/",
+        "user_options": user_options if user_options is not None else {},
+        "progress_url": "/hub/api/users/x/server/progress",
+    }
+    if stop_after is not None:
+        model["_stop_after"] = stop_after
+    model.update(extra)
+    return model
+
+
+def BAD_USER_MODEL(name: str) -> dict:  # noqa: N802 - reads as a constant in tests
+    """A user model a careless Hub or proxy might send: wrong types, garbage timestamps.
+
+    Its server claims to be ready but no time in it can be read, so it must never be culled.
+    """
+    return {
+        "kind": "user",
+        "name": name,
+        "admin": "no",
+        "last_activity": "yesterday",
+        "created": 1764110752,
+        "servers": {
+            "": {
+                "name": "",
+                "ready": True,
+                "pending": None,
+                "started": "25/11/2026 22:45",
+                "last_activity": 12345,
+                "user_options": "not-a-dict",
+                "unexpected": {"nested": [1, 2]},
+            }
+        },
+    }
+
+
+@dataclass
+class Request:
+    """One request as the fake received it."""
+
+    method: str
+    path: str  # unquoted segments joined by "/" (a "/" inside a name is ambiguous here)
+    raw_path: str  # as sent, without the query string
+    segments: list[str]  # unquoted path segments, e.g. ["hub", "api", "users", "a/b", "server"]
+    query: dict[str, str]  # last value of each parameter
+    raw_query: str
+    body: bytes
+    headers: Message  # case-insensitive: headers.get("Authorization")
+    kind: str = "other"  # info, whoami, list, get_user, stop, delete_user, other
+
+    def json(self) -> Any:
+        return json.loads(self.body) if self.body else None
+
+
+@dataclass
+class Fault:
+    match: Callable[[Request], bool]
+    kind: str
+    times: int | None
+    params: dict
+    hits: int = 0
+
+    def available(self) -> bool:
+        return self.times is None or self.hits < self.times
+
+
+class _Answer(Exception):
+    """Raised inside a handler to answer with an HTTP error."""
+
+    def __init__(self, status: int, message: str):
+        self.status = status
+        self.message = message
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for part in version.split("."):
+        digits = re.match(r"\d+", part)
+        parts.append(int(digits.group()) if digits else 0)
+    return tuple(parts)
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    # The default backlog of 5 makes a burst of new connections wait on SYN retries.
+    request_queue_size = 128
+    allow_reuse_address = True
+
+    def __init__(self, hub: FakeHub):
+        self.hub = hub
+        super().__init__(("127.0.0.1", 0), _Handler)
+
+
+class FakeHub:
+    def __init__(
+        self,
+        version: str = "6.1.1",
+        token: str = "test-token-s3cr3t",
+        scopes: list[str] | None = None,
+        paginate: bool = True,
+        page_default: int = 50,
+        page_max: int = 200,
+        latency: float = 0.0,
+        date_skew: float = 0.0,
+        send_date: bool = True,
+        service_name: str = "idle-cull",
+    ):
+        self.version = version
+        self.token = token
+        self.scopes = list(scopes) if scopes is not None else None
+        self.paginate = paginate
+        self.page_default = page_default
+        self.page_max = page_max
+        self.latency = latency
+        self.date_skew = date_skew
+        self.send_date = send_date
+        self.service_name = service_name
+
+        self.users: dict[str, dict] = {}  # name -> user model, in creation order (= Hub's id)
+        self.requests: list[Request] = []
+        self.counts: Counter[str] = Counter()
+        self.stops: list[tuple[str, str]] = []
+        self.removed: list[tuple[str, str]] = []
+        self.deleted_users: list[str] = []
+        self.errors: list[str] = []
+        self.faults: list[Fault] = []
+        self.in_flight = 0
+        self.peak_in_flight = 0
+
+        self._lock = threading.RLock()
+        self._closing = threading.Event()
+        self._stopped_named: dict[str, set[str]] = {}  # user -> stopped (not removed) servers
+        self._slow: dict[tuple[str, str], float] = {}  # (user, server) -> stop_after seconds
+        self._stopping: dict[tuple[str, str], tuple[float, bool]] = {}  # -> (deadline, remove)
+        # Name lists per listing state, rebuilt only after a change (not per page).
+        self._generation = 0
+        self._lists: dict[str | None, tuple[int, list[str]]] = {}
+        self._httpd: _HTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> FakeHub:
+        self._httpd = _HTTPServer(self)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._closing.set()  # releases hanging handlers
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def __enter__(self) -> FakeHub:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        assert self._httpd is not None, "hub not started"
+        return self._httpd.server_address[1]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.base_url}/hub/api"
+
+    # ---- state -----------------------------------------------------------------------------
+
+    def now(self) -> float:
+        """The hub's clock (epoch seconds)."""
+        return time.time() + self.date_skew
+
+    def iso(self, seconds_ago: float = 0.0) -> str:
+        """Timestamp `seconds_ago` before now on the hub's clock."""
+        return iso(seconds_ago, skew=self.date_skew)
+
+    def add_user(
+        self,
+        name: str,
+        admin: bool = False,
+        last_activity: Any = _DEFAULT,
+        created: Any = _DEFAULT,
+        groups: list[str] | None = None,
+        servers: dict[str, dict] | None = None,
+        **extra: Any,
+    ) -> dict:
+        """Add a user. `created`/`groups` are left out of the model unless given (a culler's
+        token usually lacks read:users). Servers are keyed by name ("" = default); their
+        "name" field is filled in. `extra` adds or overrides model fields."""
+        servers = dict(servers or {})
+        model: dict[str, Any] = {"kind": "user", "name": name, "admin": admin}
+        if groups is not None:
+            model["groups"] = list(groups)
+        if created is not _DEFAULT:
+            model["created"] = created
+        model["last_activity"] = iso(60) if last_activity is _DEFAULT else last_activity
+        with self._lock:
+            if name in self.users:
+                raise ValueError(f"user {name!r} exists")
+            for server_name, srv in servers.items():
+                srv = dict(srv)
+                srv["name"] = server_name
+                stop_after = srv.pop("_stop_after", None)
+                if stop_after is not None:
+                    self._slow[(name, server_name)] = stop_after
+                servers[server_name] = srv
+            model["servers"] = servers
+            model.update(extra)
+            self.users[name] = model
+            self._generation += 1
+        return model
+
+    def add_users(self, count: int, prefix: str = "user", **kwargs: Any) -> None:
+        """Add `count` users named prefix0, prefix1, ... with the same settings (bench)."""
+        for i in range(count):
+            self.add_user(f"{prefix}{i}", **kwargs)
+
+    def server_names(self) -> set[tuple[str, str]]:
+        """(user, server) of every active server now."""
+        with self._lock:
+            return {(u, s) for u, m in self.users.items() for s in m.get("servers") or {}}
+
+    def add_fault(
+        self,
+        match: Callable[[Request], bool] | tuple[str | None, str],
+        kind: str,
+        times: int | None = None,
+        **params: Any,
+    ) -> Fault:
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {kind!r}")
+        if kind == "bad_model" and "user" not in params:
+            raise ValueError("bad_model needs user=NAME")
+        if isinstance(match, tuple):
+            method, pattern = match
+            regex = re.compile(pattern)
+
+            def match(req: Request, method: str | None = method) -> bool:
+                return (method is None or req.method == method) and bool(regex.search(req.path))
+
+        fault = Fault(match, kind, times, params)
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self.faults.clear()
+
+    @property
+    def faults_injected(self) -> int:
+        return sum(f.hits for f in self.faults)
+
+    def deletes(self) -> list[tuple[str, str]]:
+        """(method, unquoted path) of every DELETE received, faulted or not."""
+        with self._lock:
+            return [(r.method, r.path) for r in self.requests if r.method == "DELETE"]
+
+    def clear_requests(self) -> None:
+        with self._lock:
+            self.requests.clear()
+            self.counts.clear()
+
+    # ---- internals (called by the handler with the lock held unless said otherwise) ----------
+
+    def _take_fault(self, req: Request, kinds: set[str]) -> Fault | None:
+        for fault in self.faults:
+            if fault.kind in kinds and fault.available() and fault.match(req):
+                return fault
+        return None
+
+    def _names(self, state: str | None) -> list[str]:
+        cached = self._lists.get(state)
+        if cached and cached[0] == self._generation:
+            return cached[1]
+        if state in ("active", "ready"):
+            names = [n for n, u in self.users.items() if u["servers"]]
+        elif state == "inactive":
+            names = [n for n, u in self.users.items() if not u["servers"]]
+        else:
+            names = list(self.users)
+        self._lists[state] = (self._generation, names)
+        return names
+
+    def _finish_stops(self) -> None:
+        now = time.monotonic()
+        for key, (deadline, remove) in list(self._stopping.items()):
+            if now >= deadline:
+                del self._stopping[key]
+                self._stopped(*key, remove=remove)
+
+    def _stopped(self, user_name: str, server_name: str, remove: bool) -> None:
+        """The server has stopped: it leaves the listing; activity is set to now."""
+        user = self.users.get(user_name)
+        if user is None:
+            return
+        user["servers"].pop(server_name, None)
+        user["last_activity"] = self.iso()
+        if server_name:
+            stopped = self._stopped_named.setdefault(user_name, set())
+            if remove:
+                stopped.discard(server_name)
+                self.removed.append((user_name, server_name))
+            else:
+                stopped.add(server_name)
+        self._generation += 1
+
+    def _stop(self, user_name: str, server_name: str, remove: bool) -> int:
+        user = self.users.get(user_name)
+        if user is None:
+            raise _Answer(404, "Not Found")
+        active = server_name in user["servers"]
+        if server_name:
+            if not active and server_name not in self._stopped_named.get(user_name, ()):
+                raise _Answer(404, f"{user_name} has no server named '{server_name}'")
+        elif remove:
+            raise _Answer(400, "Cannot delete the default server")
+        key = (user_name, server_name)
+        if key in self._stopping:
+            if remove:
+                self._stopping[key] = (self._stopping[key][0], True)
+            return 202
+        if not active:
+            if remove:
+                self._stopped(user_name, server_name, remove=True)
+            return 204
+        self.stops.append(key)
+        if key in self._slow:
+            srv = user["servers"][server_name]
+            srv["ready"] = False
+            srv["pending"] = "stop"
+            self._stopping[key] = (time.monotonic() + self._slow[key], remove)
+            return 202
+        self._stopped(user_name, server_name, remove)
+        return 204
+
+    def _delete_user(self, name: str) -> int:
+        user = self.users.get(name)
+        if user is None:
+            raise _Answer(404, "Not Found")
+        if (name, "") in self._stopping:
+            raise _Answer(400, f"{name}'s server is in the process of stopping, please wait.")
+        if any(s for s in user["servers"] if s):
+            raise _Answer(500, "Internal Server Error")
+        if "" in user["servers"]:
+            self.stops.append((name, ""))
+        del self.users[name]
+        self._stopped_named.pop(name, None)
+        self._generation += 1
+        self.deleted_users.append(name)
+        return 204
+
+    def _check_scope(self, scope: str) -> None:
+        if self.scopes is None:
+            return
+        if scope in self.scopes or _IMPLIED_BY.get(scope, set()) & set(self.scopes):
+            return
+        raise _Answer(
+            403, f"Action is not authorized with current scopes; requires any of [{scope}]"
+        )
+
+    def _bad_models(self, req: Request) -> dict[str, Fault]:
+        """user name -> the bad_model fault that replaces its model in this answer."""
+        bad: dict[str, Fault] = {}
+        for fault in self.faults:
+            if fault.kind == "bad_model" and fault.available() and fault.match(req):
+                bad.setdefault(fault.params["user"], fault)
+        return bad
+
+    def _model(self, name: str, bad: dict[str, Fault]) -> dict:
+        fault = bad.get(name)
+        if fault is None:
+            return self.users[name]
+        fault.hits += 1
+        model = fault.params.get("model")
+        return BAD_USER_MODEL(name) if model is None else model
+
+    def _list_users(self, req: Request, host: str) -> Any:
+        self._check_scope("list:users")
+        state = req.query.get("state")
+        if _version_tuple(self.version) < (1, 3):
+            state = None  # older Hubs ignore the parameter
+        elif state not in (None, "ready", "active", "inactive"):
+            raise _Answer(400, f"Unrecognized state filter: {state!r}")
+        names = self._names(state)
+        if not self.paginate:
+            return [self.users[n] for n in names]
+
+        accepts = {
+            s.strip().lower() for s in (req.headers.get("Accept") or "").split(",") if s.strip()
+        }
+        paginated = PAGINATION_MEDIA_TYPE in accepts
+        try:
+            offset = abs(int(req.query.get("offset", 0)))
+            limit = abs(int(req.query.get("limit", self.page_default if paginated else 0)))
+        except ValueError:
+            raise _Answer(400, "Invalid argument type, offset and limit must be integers") from None
+        if not paginated:
+            limit = self.page_max  # bare list: silently cut
+        limit = min(max(limit, 1), self.page_max)
+
+        page = names[offset : offset + limit]
+        if state == "ready":  # applied after offset/limit, as the Hub does
+            page = [
+                n for n in page if any(s.get("ready") for s in self.users[n]["servers"].values())
+            ]
+        bad = self._bad_models(req)
+        items = [self._model(n, bad) for n in page] if bad else [self.users[n] for n in page]
+        if not paginated:
+            return items
+
+        next_offset = offset + limit
+        next_base = None
+        loop = self._take_fault(req, {"loop_next"})
+        foreign = self._take_fault(req, {"foreign_next"})
+        if loop is not None:
+            loop.hits += 1
+            next_offset = loop.params.get("offset", 0)
+            next_base = f"http://{host}{req.raw_path}"
+        elif foreign is not None:
+            foreign.hits += 1
+            next_base = foreign.params.get("base", "http://evil.example:1/hub/api/users")
+        elif next_offset < len(names):
+            next_base = f"http://{host}{req.raw_path}"
+        nxt = None
+        if next_base is not None:
+            query = parse_qs(req.raw_query, keep_blank_values=True)
+            query["offset"] = [str(next_offset)]
+            query["limit"] = [str(limit)]
+            nxt = {
+                "offset": next_offset,
+                "limit": limit,
+                "url": f"{next_base}?{urlencode(query, doseq=True)}",
+            }
+        return {
+            "items": items,
+            "_pagination": {"offset": offset, "limit": limit, "total": len(names), "next": nxt},
+        }
+
+    def _route(self, req: Request, host: str) -> tuple[int, Any]:
+        """Handle an authenticated request: (status, JSON-able body or None)."""
+        seg = req.segments
+        if seg[:2] != ["hub", "api"]:
+            raise _Answer(404, "Not Found")
+        seg = seg[2:]
+        if req.method == "GET" and seg == ["user"]:
+            model: dict[str, Any] = {"kind": "service", "name": self.service_name}
+            if self.scopes is not None:
+                model["scopes"] = list(self.scopes)
+            return 200, model
+        if req.method == "GET" and seg == ["users"]:
+            return 200, self._list_users(req, host)
+        if len(seg) < 2 or seg[0] != "users":
+            raise _Answer(404, "Not Found")
+        name = seg[1]
+        if req.method == "GET" and len(seg) == 2:
+            self._check_scope("read:servers")
+            if name not in self.users:
+                raise _Answer(404, "Not Found")
+            return 200, self._model(name, self._bad_models(req))
+        if req.method == "DELETE":
+            if len(seg) == 2:
+                self._check_scope("delete:users")
+                return self._delete_user(name), None
+            if seg[2:] == ["server"] or (len(seg) == 4 and seg[2] == "servers"):
+                self._check_scope("delete:servers")
+                server_name = seg[3] if len(seg) == 4 else ""
+                try:
+                    body = req.json()
+                except ValueError:
+                    raise _Answer(400, "Invalid JSON in body") from None
+                remove = bool(isinstance(body, dict) and body.get("remove"))
+                return self._stop(name, server_name, remove), None
+        raise _Answer(404 if req.method in ("GET", "DELETE") else 405, "Not Found")
+
+
+def _kind(method: str, segments: list[str]) -> str:
+    seg = segments[2:] if segments[:2] == ["hub", "api"] else None
+    if seg is None:
+        return "other"
+    if method == "GET":
+        if seg in ([], [""]):
+            return "info"
+        if seg == ["user"]:
+            return "whoami"
+        if seg == ["users"]:
+            return "list"
+        if len(seg) == 2 and seg[0] == "users":
+            return "get_user"
+    if method == "DELETE" and len(seg) >= 2 and seg[0] == "users":
+        if len(seg) == 2:
+            return "delete_user"
+        return "stop"
+    return "other"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, like the Hub behind tornado
+    server_version = "TornadoServer/6.5"
+    sys_version = ""
+    # Headers and body go out in two writes; without this, Nagle + delayed ACK add ~40 ms.
+    disable_nagle_algorithm = True
+    server: _HTTPServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        pass  # tests read hub.requests instead
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        # Like the base class, but with the hub's (possibly skewed, possibly absent) Date.
+        hub = self.server.hub
+        self.send_response_only(code, message)
+        self.send_header("Server", self.version_string())
+        if hub.send_date:
+            self.send_header("Date", formatdate(hub.now(), usegmt=True))
+        self.send_header("X-JupyterHub-Version", hub.version)
+
+    def _send(self, status: int, body: Any = None, raw: bytes | None = None, headers=None) -> None:
+        if raw is None and body is not None:
+            raw = json.dumps(body).encode()
+        self.send_response(status)
+        for key, value in (headers or {}).items():
+            self.send_header(key, str(value))
+        if status != 204:
+            raw = raw or b""
+            self.send_header("Content-Type", "application/json" if raw else "text/plain")
+            self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        if raw and status != 204:
+            self.wfile.write(raw)
+
+    def _error(self, status: int, message: str, headers=None) -> None:
+        self._send(status, {"status": status, "message": message}, headers=headers)
+
+    def _drop(self) -> None:
+        self.close_connection = True
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        self._handle()
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._handle()
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._handle()
+
+    def _handle(self) -> None:
+        hub = self.server.hub
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        raw_path, _, raw_query = self.path.partition("?")
+        segments = [unquote(s) for s in raw_path.split("/")[1:]]
+        if segments and segments[-1] == "":
+            segments.pop()  # trailing slash
+        req = Request(
+            method=self.command,
+            path="/" + "/".join(segments),
+            raw_path=raw_path,
+            segments=segments,
+            query={k: v[-1] for k, v in parse_qs(raw_query, keep_blank_values=True).items()},
+            raw_query=raw_query,
+            body=body,
+            headers=self.headers,
+            kind=_kind(self.command, segments),
+        )
+        with hub._lock:
+            hub.requests.append(req)
+            hub.counts[req.kind] += 1
+            hub.in_flight += 1
+            hub.peak_in_flight = max(hub.peak_in_flight, hub.in_flight)
+        try:
+            if hub.latency:
+                time.sleep(hub.latency)  # stands for the Hub's own work
+            self._respond(hub, req)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client gave up (e.g. its read timeout)
+        except Exception:
+            hub.errors.append(traceback.format_exc())
+            self._error(500, "fake hub error")
+        finally:
+            with hub._lock:
+                hub.in_flight -= 1
+
+    def _respond(self, hub: FakeHub, req: Request) -> None:
+        with hub._lock:
+            hub._finish_stops()
+            fault = hub._take_fault(req, _TRANSPORT_FAULTS)
+            if fault is not None:
+                fault.hits += 1
+        if fault is not None:
+            p = fault.params
+            if fault.kind == "status":
+                code = p.get("code", 503)
+                if p.get("body") is not None:
+                    self._send(code, raw=p["body"], headers=p.get("headers"))
+                else:
+                    self._error(code, "injected fault", headers=p.get("headers"))
+                return
+            if fault.kind == "drop":
+                return self._drop()
+            if fault.kind == "malformed":
+                return self._send(200, raw=p.get("body", b'{"items": ['))
+            if fault.kind == "hang":
+                hub._closing.wait(p.get("seconds", 5.0))
+                if p.get("then", "close") == "close":
+                    return self._drop()
+
+        if req.kind == "info":
+            return self._send(200, {"version": hub.version})
+        auth = (req.headers.get("Authorization") or "").split(None, 1)
+        if len(auth) != 2 or auth[0].lower() not in ("token", "bearer") or auth[1] != hub.token:
+            return self._error(403, "Missing or invalid credentials.")
+        try:
+            with hub._lock:
+                status, body = hub._route(req, self.headers.get("Host") or "")
+                raw = json.dumps(body).encode() if body is not None else None
+        except _Answer as answer:
+            return self._error(answer.status, answer.message)
+        self._send(status, raw=raw)

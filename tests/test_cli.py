@@ -1,0 +1,570 @@
+"""The command end to end against the fake Hub (real HTTP on 127.0.0.1): every rule of a pass."""
+
+import fcntl
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+from conftest import REPO, TOKEN, run_cull, run_cull_subprocess
+from fakehub import FakeHub, iso, server
+
+import idle_cull
+
+IDLE, ACTIVE = 3600, 30  # seconds since last activity, against --timeout 600
+
+
+def idle_server(**kw):
+    return server(last_activity=iso(IDLE), **kw)
+
+
+def active_server(**kw):
+    return server(last_activity=iso(ACTIVE), **kw)
+
+
+def results(report):
+    return {(a["action"], a["user"], a["server"]): a["result"] for a in report["actions"]}
+
+
+def test_idle_servers_are_stopped_and_the_rest_kept(fake_hub):
+    fake_hub.add_user("idle", servers={"": idle_server(), "lab": idle_server()})
+    fake_hub.add_user("busy", servers={"": active_server()})
+    fake_hub.add_user("mixed", servers={"": active_server(), "old": idle_server()})
+    fake_hub.add_user("spawning", servers={"": idle_server(pending="spawn", ready=False)})
+    fake_hub.add_user("nobody", servers={})
+
+    result = run_cull(fake_hub, "--timeout=600", "--json")
+
+    assert result.exit_code == 0, result.stderr
+    assert sorted(fake_hub.stops) == [("idle", ""), ("idle", "lab"), ("mixed", "old")]
+    assert fake_hub.server_names() == {("busy", ""), ("mixed", ""), ("spawning", "")}
+    assert "nobody" in fake_hub.users and not fake_hub.deleted_users
+    summary = result.json["summary"]
+    assert summary == {
+        "users_scanned": 3,  # the "ready" listing: users with a server that is up
+        "servers_stopped": 3,
+        "servers_stopping": 0,
+        "named_servers_removed": 0,
+        "users_deleted": 0,
+        "failures": 0,
+    }
+    stop = next(a for a in result.json["actions"] if a["server"] == "lab")
+    # The Hub's Date header is truncated to the second, so its clock may read up to 1s early.
+    assert re.fullmatch(r"idle 3(599|600|601)s >= timeout 600s", stop["reason"])
+    assert 3590 < stop["age_s"] < 3610
+    assert "stop user=idle server=lab" in result.stderr
+    assert "summary: users scanned=3, servers stopped=3" in result.stderr
+    # The "ready" listing is used on Hubs >= 1.3, with the paginated answer asked for.
+    listing = [r for r in fake_hub.requests if r.kind == "list"]
+    assert [r.query.get("state") for r in listing] == ["ready"]
+    assert all("jupyterhub-pagination+json" in r.headers["Accept"] for r in listing)
+
+
+def test_max_age_stops_active_but_old_servers(fake_hub):
+    fake_hub.add_user("old", servers={"": active_server(started=iso(7200))})
+    fake_hub.add_user("young", servers={"": active_server(started=iso(600))})
+    result = run_cull(fake_hub, "--timeout=600", "--max-age=3600", "--json")
+    assert result.exit_code == 0
+    assert fake_hub.stops == [("old", "")]
+    assert re.fullmatch(
+        r"age 7(199|200|201)s >= max-age 3600s", result.json["actions"][0]["reason"]
+    )
+
+
+@pytest.mark.parametrize(
+    "flag, stopped",
+    [
+        ("--cull-default-servers=false", [("u", "lab")]),
+        ("--cull-named-servers=false", [("u", "")]),
+        ("--no-cull-named-servers", [("u", "")]),
+    ],
+)
+def test_default_and_named_selection(fake_hub, flag, stopped):
+    fake_hub.add_user("u", servers={"": idle_server(), "lab": idle_server()})
+    assert run_cull(fake_hub, flag).exit_code == 0
+    assert fake_hub.stops == stopped
+
+
+def test_remove_named_servers_sends_remove_only_for_named_ones(fake_hub):
+    fake_hub.add_user("u", servers={"": idle_server(), "lab": idle_server()})
+    result = run_cull(fake_hub, "--remove-named-servers", "--json")
+    assert result.exit_code == 0
+    bodies = {r.path: r.json() for r in fake_hub.requests if r.method == "DELETE"}
+    assert bodies == {
+        "/hub/api/users/u/servers/lab": {"remove": True},
+        "/hub/api/users/u/server": None,
+    }
+    assert fake_hub.removed == [("u", "lab")]
+    assert result.json["summary"]["named_servers_removed"] == 1
+    assert result.json["summary"]["servers_stopped"] == 2
+
+
+def test_cull_users_deletes_idle_users_once_their_servers_are_stopped(fake_hub):
+    fake_hub.add_user(
+        "gone", last_activity=iso(IDLE), servers={"": idle_server(), "a": idle_server()}
+    )
+    fake_hub.add_user(
+        "keep", last_activity=iso(IDLE), servers={"": idle_server(), "b": active_server()}
+    )
+    fake_hub.add_user("empty", last_activity=iso(IDLE), servers={})
+    fake_hub.add_user("fresh", last_activity=iso(ACTIVE), servers={})
+    fake_hub.add_user("boss", admin=True, last_activity=iso(IDLE), servers={})
+
+    result = run_cull(fake_hub, "--cull-users", "--cull-admin-users=false", "--json")
+
+    assert result.exit_code == 0, result.stderr
+    assert sorted(fake_hub.deleted_users) == ["empty", "gone"]
+    assert set(fake_hub.users) == {"keep", "fresh", "boss"}
+    assert fake_hub.server_names() == {("keep", "b")}
+    # The named server is stopped before the user is deleted (the Hub answers 500 otherwise).
+    gone = [r.path for r in fake_hub.requests if r.method == "DELETE" and "/gone" in r.path]
+    assert gone[-1] == "/hub/api/users/gone" and "/hub/api/users/gone/servers/a" in gone[:-1]
+    assert [r.query.get("state") for r in fake_hub.requests if r.kind == "list"] == [
+        "ready",
+        "inactive",
+    ]
+    assert result.json["summary"]["users_deleted"] == 2
+
+
+def test_admins_are_deleted_unless_told_not_to(fake_hub):
+    fake_hub.add_user("boss", admin=True, last_activity=iso(IDLE), servers={})
+    assert run_cull(fake_hub, "--cull-users").exit_code == 0
+    assert fake_hub.deleted_users == ["boss"]
+
+
+def test_user_timeout_uses_created_when_never_active(fake_hub):
+    fake_hub.add_user("never", last_activity=None, created=iso(IDLE), servers={})
+    fake_hub.add_user("new", last_activity=None, created=iso(ACTIVE), servers={})
+    assert run_cull(fake_hub, "--cull-users").exit_code == 0
+    assert fake_hub.deleted_users == ["never"]
+
+
+def test_a_slow_stop_is_not_a_failure_but_keeps_the_user_for_a_later_pass(fake_hub):
+    fake_hub.add_user("slow", last_activity=iso(IDLE), servers={"": idle_server(stop_after=0)})
+    result = run_cull(fake_hub, "--cull-users", "--json")
+    assert result.exit_code == 0
+    assert results(result.json) == {
+        ("stop", "slow", ""): "stopping",
+        ("delete_user", "slow", ""): "skipped",
+    }
+    assert result.json["summary"]["servers_stopping"] == 1
+    assert not fake_hub.deleted_users
+    # The stop finishes (which marks the user active, as the Hub does); once the user is
+    # idle again, a later pass deletes the user.
+    requests.get(fake_hub.url + "/", timeout=5)
+    assert fake_hub.server_names() == set()
+    fake_hub.users["slow"]["last_activity"] = iso(IDLE)
+    second = run_cull(fake_hub, "--cull-users", "--json")
+    assert second.exit_code == 0
+    assert fake_hub.deleted_users == ["slow"]
+
+
+def test_404_on_a_stop_or_delete_counts_as_done(fake_hub):
+    fake_hub.add_user("u", last_activity=iso(IDLE), servers={"": idle_server()})
+    fake_hub.add_fault(("DELETE", r"/users/u/server$"), "status", code=404)
+    fake_hub.add_fault(("DELETE", r"/users/u$"), "status", code=404)
+    result = run_cull(fake_hub, "--cull-users", "--json")
+    assert result.exit_code == 0
+    assert set(results(result.json).values()) == {"gone"}
+    assert result.json["summary"]["failures"] == 0
+
+
+def test_one_failing_user_does_not_stop_the_pass(fake_hub):
+    for name in ("a", "b", "c"):
+        fake_hub.add_user(name, servers={"": idle_server()})
+    fake_hub.add_fault(("DELETE", r"/users/b/server$"), "status", code=400)
+    result = run_cull(fake_hub, "--json")
+    assert result.exit_code == 1
+    assert sorted(fake_hub.stops) == [("a", ""), ("c", "")]
+    failed = [a for a in result.json["actions"] if a["result"] == "failed"]
+    assert [a["user"] for a in failed] == ["b"] and "HTTP 400" in failed[0]["error"]
+    assert "stopping the default server of b: HTTP 400" in result.stderr
+
+
+def test_an_unreadable_user_is_reported_and_left_alone(fake_hub):
+    fake_hub.add_user("fine", servers={"": idle_server()})
+    fake_hub.add_user("odd", servers={"": idle_server()})
+    fake_hub.add_fault(
+        lambda r: r.kind == "list", "bad_model", user="odd", model={"name": "odd", "servers": [1]}
+    )
+    result = run_cull(fake_hub, "--json")
+    assert result.exit_code == 1
+    assert fake_hub.stops == [("fine", "")]
+    assert any("user odd: unreadable model" in e for e in result.json["errors"])
+
+
+@pytest.mark.parametrize("page_size", [1, 2, 3])
+def test_pagination_follows_every_page_even_short_or_empty_ones(fake_hub, page_size):
+    # Users without a ready server make "ready" pages short or empty while next is set.
+    for i in range(10):
+        ready = i % 3 == 0
+        fake_hub.add_user(
+            f"u{i}", servers={"": idle_server(ready=ready, pending=None if ready else "spawn")}
+        )
+    result = run_cull(fake_hub, f"--api-page-size={page_size}", "--json")
+    assert result.exit_code == 0
+    assert sorted(fake_hub.stops) == [("u0", ""), ("u3", ""), ("u6", ""), ("u9", "")]
+    listing = [r for r in fake_hub.requests if r.kind == "list"]
+    assert sorted(int(r.query.get("offset", 0)) for r in listing) == list(range(0, 10, page_size))
+    # Offsets shift when servers stop: nothing is deleted before the listing has ended.
+    kinds = [r.kind for r in fake_hub.requests]
+    assert max(i for i, k in enumerate(kinds) if k == "list") < kinds.index("stop")
+
+
+def test_users_added_during_the_listing_are_found_through_next(fake_hub):
+    for i in range(4):
+        fake_hub.add_user(f"u{i}", servers={"": idle_server()})
+    added = []
+
+    def grow(request):  # the Hub gains users after the first page told the total
+        if request.kind == "list" and not added:
+            added.append(True)
+            for i in range(4, 7):
+                fake_hub.add_user(f"u{i}", servers={"": idle_server()})
+        return False
+
+    fake_hub.add_fault(grow, "drop")
+    assert run_cull(fake_hub, "--api-page-size=2").exit_code == 0
+    assert len(fake_hub.stops) == 7
+
+
+def test_a_hub_without_pagination_or_state_filter(hub_factory):
+    hub = hub_factory(version="1.2.2", paginate=False, scopes=None)
+    hub.add_user("idle", last_activity=iso(IDLE), servers={"": idle_server()})
+    hub.add_user("busy", servers={"": active_server()})
+    hub.add_user("empty", last_activity=iso(IDLE), servers={})
+    result = run_cull(hub, "--cull-users", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert hub.stops == [("idle", "")]
+    assert sorted(hub.deleted_users) == ["empty", "idle"]
+    assert [r.query.get("state") for r in hub.requests if r.kind == "list"] == [None]
+
+
+def test_dry_run_sends_no_delete_and_reports_the_plan(fake_hub):
+    fake_hub.add_user("u", last_activity=iso(IDLE), servers={"": idle_server(), "x": idle_server()})
+    result = run_cull(fake_hub, "--dry-run", "--cull-users", "--remove-named-servers", "--json")
+    assert result.exit_code == 0
+    assert fake_hub.deletes() == []
+    assert set(results(result.json).values()) == {"planned"}
+    assert result.json["summary"]["users_deleted"] == 1 and result.json["dry_run"] is True
+    assert "summary (dry run)" in result.stderr and "would do (dry run)" in result.stderr
+
+
+def test_names_with_odd_characters_reach_the_right_url(fake_hub):
+    names = ["a/b", "x?y#z", "per%cent", "at@home+1 space", "ünïcødé"]
+    for name in names:
+        fake_hub.add_user(
+            name, last_activity=iso(IDLE), servers={"": idle_server(), "s/1 ?#": idle_server()}
+        )
+    result = run_cull(fake_hub, "--cull-users", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert sorted(fake_hub.stops) == sorted([(n, s) for n in names for s in ("", "s/1 ?#")])
+    assert sorted(fake_hub.deleted_users) == sorted(names)
+    raw = {r.raw_path for r in fake_hub.requests if r.method == "DELETE"}
+    assert "/hub/api/users/a%2Fb/servers/s%2F1%20%3F%23" in raw
+
+
+# ---- exit codes and errors -----------------------------------------------------------------
+
+
+def test_missing_scope_exits_3_naming_it_before_any_delete(hub_factory):
+    hub = hub_factory(scopes=["list:users", "read:users:activity", "read:servers"])
+    hub.add_user("u", servers={"": idle_server()})
+    result = run_cull(hub)
+    assert result.exit_code == 3
+    assert "delete:servers" in result.stderr
+    assert hub.deletes() == []
+
+
+def test_cull_users_needs_delete_users(hub_factory):
+    hub = hub_factory(
+        scopes=["list:users", "read:users:activity", "read:servers", "delete:servers"]
+    )
+    assert run_cull(hub).exit_code == 0
+    result = run_cull(hub, "--cull-users")
+    assert result.exit_code == 3 and "delete:users" in result.stderr
+
+
+def test_a_read_only_token_may_preview_with_dry_run(hub_factory):
+    hub = hub_factory(scopes=["list:users", "read:users:activity", "read:servers"])
+    hub.add_user("u", servers={"": idle_server()})
+    result = run_cull(hub, "--dry-run")
+    assert result.exit_code == 0
+    assert "lacks delete:servers: a real run would fail" in result.stderr
+
+
+def test_refused_token_exits_3(fake_hub):
+    result = run_cull(fake_hub, env={"JUPYTERHUB_API_TOKEN": "wrong"})
+    assert result.exit_code == 3
+    assert "HTTP 403" in result.stderr
+
+
+def test_unreachable_hub_exits_3():
+    result = run_cull(FakeHub(), "--url=http://127.0.0.1:9/hub/api", "--retries=0")
+    assert result.exit_code == 3
+    assert "could not be used" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (["--url=127.0.0.1:8081/hub/api"], {}, "is not an http(s) URL"),
+        (["--timeout=-1"], {}, "--timeout"),
+        (["--timeout=ten"], {}, "--timeout"),
+        (["--concurrency=0"], {}, "--concurrency"),
+        (["--cull-users=perhaps"], {}, "'perhaps' is not true or false"),
+        (["--no-such-option"], {}, "No such option"),
+        (["--arbiter=nosuchmodule:f"], {}, "cannot load nosuchmodule:f"),
+        (["--arbiter=justamodule"], {}, "is not MODULE:FUNCTION"),
+        (["--config=/nonexistent.toml"], {}, "cannot read /nonexistent.toml"),
+        ([], {"JUPYTERHUB_API_TOKEN": None}, "no API token"),
+        (["--api-token-file=/nonexistent"], {}, "cannot read the API token file"),
+        (["--ssl-enabled", "--internal-certs-location=/nonexistent"], {}, "not found"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(fake_hub, args, env, message):
+    result = run_cull(fake_hub, *args, env=env)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("idle-cull: error: ")
+    assert message in lines[0]
+    assert "Traceback" not in result.output
+    assert fake_hub.requests == []
+
+
+def test_token_file_is_read_and_nothing_leaks_the_token(fake_hub, tmp_path):
+    fake_hub.add_user("u", servers={"": idle_server()})
+    fake_hub.add_fault(("DELETE", "/users/u/server"), "status", code=500)
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    result = run_cull(
+        fake_hub,
+        f"--api-token-file={token_file}",
+        "--log-level=DEBUG",
+        "--json",
+        "--retries=1",
+        env={"JUPYTERHUB_API_TOKEN": None},
+    )
+    assert result.exit_code == 1
+    assert all(
+        r.headers["Authorization"] == f"token {TOKEN}"
+        for r in fake_hub.requests
+        if r.kind != "info"
+    )
+    assert TOKEN not in result.output
+    assert TOKEN not in run_cull(fake_hub, "--help").output
+
+
+# ---- upstream command lines, environment and config file ---------------------------------
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """Capture the settings a command line parses to, without a Hub."""
+    seen = {}
+
+    def fake_pass(client, policy, settings, stop):
+        seen.update(policy=policy, settings=settings, client=client)
+        return idle_cull.Report()
+
+    monkeypatch.setattr(idle_cull, "run_pass", fake_pass)
+    return seen
+
+
+UPSTREAM_LINES = {
+    # as written by Zero to JupyterHub's hub config
+    "z2jh": [
+        "--url=http://localhost:8081/hub/api",
+        "--timeout=3600",
+        "--cull-every=0",
+        "--concurrency=10",
+        "--cull-users",
+        "--cull-admin-users=false",
+        "--remove-named-servers",
+        "--max-age=0",
+    ],
+    # as written by The Littlest JupyterHub
+    "tljh": [
+        "--url=http://127.0.0.1:15001/hub/api",
+        "--timeout=3600",
+        "--cull-every=0",
+        "--concurrency=5",
+        "--max-age=0",
+        "--cull-users",
+    ],
+    # underscores and capitalised booleans, which the upstream option parser accepts
+    "spellings": [
+        "--url",
+        "http://localhost:8081/hub/api",
+        "--timeout",
+        "3600",
+        "--cull_users=True",
+        "--cull_admin_users=False",
+        "--remove_named_servers",
+        "--max_age=0",
+        "--concurrency",
+        "10",
+        "--cull-every",
+        "0",
+    ],
+}
+
+
+@pytest.mark.parametrize("name", ["z2jh", "spellings"])
+def test_upstream_command_lines_parse_to_the_same_settings(fake_hub, captured, name):
+    assert run_cull(fake_hub, *UPSTREAM_LINES[name]).exit_code == 0
+    policy = captured["policy"]
+    assert (policy.timeout, policy.max_age, policy.cull_users, policy.cull_admin_users) == (
+        3600,
+        0,
+        True,
+        False,
+    )
+    assert policy.remove_named_servers and policy.cull_default_servers and policy.cull_named_servers
+    assert captured["settings"].concurrency == 10
+    assert captured["client"].base == "http://localhost:8081/hub/api"
+
+
+def test_tljh_command_line(fake_hub, captured):
+    assert run_cull(fake_hub, *UPSTREAM_LINES["tljh"]).exit_code == 0
+    assert captured["policy"].cull_users and captured["settings"].concurrency == 5
+
+
+def test_precedence_command_line_then_environment_then_file(fake_hub, captured, tmp_path):
+    config = tmp_path / "idle-cull.toml"
+    config.write_text("timeout = 100\nmax-age = 7\ncull_users = true\nconcurrency = 3\n")
+    run_cull(fake_hub, f"--config={config}")
+    assert (captured["policy"].timeout, captured["policy"].max_age) == (100, 7)
+    assert captured["policy"].cull_users and captured["settings"].concurrency == 3
+    run_cull(
+        fake_hub,
+        f"--config={config}",
+        env={"IDLE_CULL_TIMEOUT": "200", "IDLE_CULL_CULL_USERS": "false"},
+    )
+    assert captured["policy"].timeout == 200 and not captured["policy"].cull_users
+    assert captured["policy"].max_age == 7
+    run_cull(fake_hub, f"--config={config}", "--timeout=300", env={"IDLE_CULL_TIMEOUT": "200"})
+    assert captured["policy"].timeout == 300
+
+
+def test_url_from_the_hub_environment_and_config(fake_hub, captured, tmp_path):
+    run_cull(fake_hub, "--url", fake_hub.url)  # explicit
+    env = {"JUPYTERHUB_API_URL": "http://hub.internal:8081/hub/api"}
+    result = CliRunnerNoUrl(fake_hub, env)
+    assert result.exit_code == 0
+    assert captured["client"].base == "http://hub.internal:8081/hub/api"
+    config = tmp_path / "c.toml"
+    config.write_text('url = "http://from-file:8081/hub/api"\n')
+    CliRunnerNoUrl(fake_hub, {}, f"--config={config}")
+    assert captured["client"].base == "http://from-file:8081/hub/api"
+
+
+def CliRunnerNoUrl(hub, env, *args):  # noqa: N802 - a run without the --url run_cull adds
+    from click.testing import CliRunner
+
+    full_env = {"JUPYTERHUB_API_TOKEN": hub.token, "IDLE_CULL_URL": None, **env}
+    full_env.setdefault("JUPYTERHUB_API_URL", None)
+    return CliRunner().invoke(idle_cull.main, list(args), env=full_env, catch_exceptions=False)
+
+
+def test_unknown_config_keys_are_refused(fake_hub, tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("timeout = 60\ntimeuot = 5\n")
+    result = run_cull(fake_hub, f"--config={config}")
+    assert result.exit_code == 2 and "unknown setting 'timeuot'" in result.stderr
+
+
+# ---- running as a process: entry points, loop mode, lock, deadline -------------------------
+
+
+def test_runs_as_a_module_and_as_a_script(fake_hub):
+    fake_hub.add_user("u", servers={"": idle_server()})
+    proc = subprocess.run(
+        [sys.executable, "-m", "idle_cull", "--version"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0 and proc.stdout.startswith("idle-cull, version")
+    proc = run_cull_subprocess(fake_hub, "--json")
+    assert proc.returncode == 0 and proc.json["summary"]["servers_stopped"] == 1
+
+
+def _wait_for(condition, seconds=20):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize(
+    "args, env",
+    [
+        (["--cull-every=1"], {}),
+        # started by the Hub as a managed service: loops every timeout/2 seconds by default
+        (["--timeout=2"], {"JUPYTERHUB_SERVICE_NAME": "idle-culler"}),
+    ],
+)
+def test_loop_mode_culls_on_every_pass_and_stops_cleanly_on_sigterm(fake_hub, args, env):
+    import os
+
+    fake_hub.add_user("u", servers={"": idle_server()})
+    run_env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("IDLE_CULL_", "JUPYTERHUB_"))
+    }
+    run_env.update(env, JUPYTERHUB_API_TOKEN=fake_hub.token)
+    proc = subprocess.Popen(
+        [sys.executable, "idle_cull.py", "--url", fake_hub.url, *args, "--json"],
+        cwd=REPO,
+        env=run_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert _wait_for(lambda: fake_hub.stops == [("u", "")])
+        # A server that goes idle later is caught by a later pass of the same process.
+        fake_hub.add_user("v", servers={"": idle_server()})
+        assert _wait_for(lambda: ("v", "") in fake_hub.stops)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    passes = [json.loads(line) for line in out.splitlines()]
+    assert len(passes) >= 2 and all(p["exit_code"] == 0 for p in passes)
+    assert "stopping on signal" in err
+
+
+def test_a_held_lock_skips_the_pass(fake_hub, tmp_path):
+    fake_hub.add_user("u", servers={"": idle_server()})
+    lock = tmp_path / "idle-cull.lock"
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = run_cull(fake_hub, f"--lock-file={lock}")
+    assert result.exit_code == 0
+    assert "another pass holds" in result.stderr
+    assert fake_hub.requests == []
+    assert run_cull(fake_hub, f"--lock-file={lock}").exit_code == 0
+    assert fake_hub.stops == [("u", "")]
+
+
+def test_max_runtime_starts_no_new_action_and_exits_1(hub_factory):
+    hub = hub_factory(latency=0.3)
+    for i in range(12):
+        hub.add_user(f"u{i:02}", servers={"": idle_server()})
+    result = run_cull(hub, "--max-runtime=2", "--concurrency=1", "--json")
+    assert result.exit_code == 1
+    outcome = results(result.json)
+    skipped = [k for k, v in outcome.items() if v == "skipped"]
+    done = [k for k, v in outcome.items() if v == "done"]
+    assert skipped and done and len(skipped) + len(done) == 12
+    assert len(hub.stops) == len(done)
+    assert "--max-runtime reached" in result.json["errors"]
