@@ -17,7 +17,9 @@ import logging
 import math
 import os
 import re
+import shlex
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -44,6 +46,7 @@ PAGINATION_MEDIA_TYPE = "application/jupyterhub-pagination+json"
 # What the token must hold to see activity and stop servers, and in addition to delete users.
 SERVER_SCOPES = ("list:users", "read:users:activity", "read:servers", "delete:servers")
 USER_SCOPES = ("delete:users",)
+GROUP_SCOPES = ("read:users:groups",)  # for group exclusions and rules
 CLOCK_SKEW_WARNING = 60  # seconds
 RETRY_AFTER_CAP = 30  # seconds; a proxy asking for longer must not hang a cron job
 
@@ -76,6 +79,24 @@ def seconds_since(value: object, now: datetime) -> float | None:
 
 
 @dataclass(frozen=True)
+class Rule:
+    """Own limits for the servers it matches: by a group of the user and/or user_options values."""
+
+    group: str | None = None
+    user_options: dict = field(default_factory=dict)
+    timeout: int | None = None
+    max_age: int | None = None
+
+    def matches(self, groups: frozenset[str], server: dict) -> bool:
+        if self.group is not None and self.group not in groups:
+            return False
+        options = server.get("user_options")
+        if not isinstance(options, dict):
+            options = {}
+        return all(options.get(key) == value for key, value in self.user_options.items())
+
+
+@dataclass(frozen=True)
 class Policy:
     timeout: int = 600
     max_age: int = 0
@@ -85,6 +106,25 @@ class Policy:
     cull_named_servers: bool = True
     remove_named_servers: bool = False
     arbiter: Callable[..., object] | None = None
+    user_timeout: int | None = None  # None: the same as `timeout`
+    exclude_users: frozenset[str] = frozenset()
+    exclude_groups: frozenset[str] = frozenset()
+    rules: tuple[Rule, ...] = ()
+    warn_before: int = 0
+
+    @property
+    def needs_groups(self) -> bool:
+        return bool(self.exclude_groups) or any(rule.group is not None for rule in self.rules)
+
+    def limits(self, groups: frozenset[str], server: dict) -> tuple[int, int]:
+        """(timeout, max_age) for a server: the first matching rule's, else the defaults."""
+        for rule in self.rules:
+            if rule.matches(groups, server):
+                return (
+                    self.timeout if rule.timeout is None else rule.timeout,
+                    self.max_age if rule.max_age is None else rule.max_age,
+                )
+        return self.timeout, self.max_age
 
 
 @dataclass(frozen=True)
@@ -94,19 +134,21 @@ class Verdict:
     idle: float | None = None
     age: float | None = None
     error: str | None = None  # set when the verdict is "keep" because something failed
+    cull_in: float | None = None  # for an active server: seconds until a limit is reached
 
 
 def _ask_arbiter(arbiter, idle: float, limit: int, server: dict) -> tuple[bool, str | None]:
     try:
-        return bool(
-            arbiter(inactive=timedelta(seconds=idle), inactive_limit=limit, server=server)
-        ), None
+        answer = arbiter(inactive=timedelta(seconds=idle), inactive_limit=limit, server=server)
+        return bool(answer), None
     except Exception as exc:  # the operator's code: any failure means "keep"
         return False, f"arbiter raised {type(exc).__name__}: {exc}"
 
 
-def server_verdict(name: str, server: dict, policy: Policy, now: datetime) -> Verdict:
-    """Should this server ("" is the default server) be stopped now?"""
+def server_verdict(
+    name: str, server: dict, policy: Policy, now: datetime, groups: frozenset[str] = frozenset()
+) -> Verdict:
+    """Should this server ("" is the default server) of a user in `groups` be stopped now?"""
     if server.get("pending"):
         return Verdict(False, f"pending {server['pending']}")
     # Hubs before 0.9 had no "ready"; a URL meant the server was up.
@@ -123,42 +165,44 @@ def server_verdict(name: str, server: dict, policy: Policy, now: datetime) -> Ve
     if idle is None and age is None:
         return Verdict(False, "no readable last_activity or started")
 
+    timeout, max_age = policy.limits(groups, server)
     error = None
-    if idle is None:
-        idle_says = False
-    elif policy.arbiter is not None:
-        idle_says, error = _ask_arbiter(policy.arbiter, idle, policy.timeout, server)
-        if idle_says:
+    if idle is not None and policy.arbiter is not None:
+        if_idle, error = _ask_arbiter(policy.arbiter, idle, timeout, server)
+        if if_idle:
             return Verdict(True, f"arbiter: cull (idle {idle:.0f}s)", idle, age)
-    else:
-        idle_says = idle >= policy.timeout
-        if idle_says:
-            return Verdict(True, f"idle {idle:.0f}s >= timeout {policy.timeout}s", idle, age)
-    if policy.max_age and age is not None and age >= policy.max_age:
-        return Verdict(True, f"age {age:.0f}s >= max-age {policy.max_age}s", idle, age)
+    elif idle is not None and idle >= timeout:
+        return Verdict(True, f"idle {idle:.0f}s >= timeout {timeout}s", idle, age)
+    if max_age and age is not None and age >= max_age:
+        return Verdict(True, f"age {age:.0f}s >= max-age {max_age}s", idle, age)
+
     if error:
         return Verdict(False, "arbiter failed", idle, age, error)
     if idle is None:
         return Verdict(False, "unreadable last_activity", idle, age)
+    # With an arbiter the idle limit is its call; the timeout is the best guess for a warning.
+    cull_in = min(timeout - idle, max_age - age if max_age and age is not None else math.inf)
     if policy.arbiter is not None:
-        return Verdict(False, f"arbiter: keep (idle {idle:.0f}s)", idle, age)
-    return Verdict(False, f"active: idle {idle:.0f}s < timeout {policy.timeout}s", idle, age)
+        return Verdict(False, f"arbiter: keep (idle {idle:.0f}s)", idle, age, cull_in=cull_in)
+    reason = f"active: idle {idle:.0f}s < timeout {timeout}s"
+    return Verdict(False, reason, idle, age, cull_in=cull_in)
 
 
 def user_verdict(user: dict, policy: Policy, now: datetime) -> Verdict:
     """Should this user, whose servers are all stopped (or about to be), be deleted?"""
+    timeout = policy.timeout if policy.user_timeout is None else policy.user_timeout
     age = seconds_since(user.get("created"), now)
     activity = user.get("last_activity")
     idle = age if activity is None else seconds_since(activity, now)
     if user.get("admin") and not policy.cull_admin_users:
         return Verdict(False, "admin users are not deleted", idle, age)
-    if idle is not None and idle >= policy.timeout:
-        return Verdict(True, f"idle {idle:.0f}s >= timeout {policy.timeout}s", idle, age)
+    if idle is not None and idle >= timeout:
+        return Verdict(True, f"idle {idle:.0f}s >= user timeout {timeout}s", idle, age)
     if policy.max_age and age is not None and age >= policy.max_age:
         return Verdict(True, f"age {age:.0f}s >= max-age {policy.max_age}s", idle, age)
     if idle is None:
         return Verdict(False, "no readable last_activity or created", idle, age)
-    return Verdict(False, f"active: idle {idle:.0f}s < timeout {policy.timeout}s", idle, age)
+    return Verdict(False, f"active: idle {idle:.0f}s < user timeout {timeout}s", idle, age)
 
 
 @dataclass(frozen=True)
@@ -174,10 +218,15 @@ class UserPlan:
     stops: tuple[Stop, ...] = ()
     delete: Verdict | None = None  # delete the user once every stop has finished
     kept: tuple[tuple[str | None, Verdict], ...] = ()  # what was left alone (None: the user)
+    warn: tuple[tuple[str, Verdict], ...] = ()  # kept servers within --warn-before of a limit
 
     @property
     def actionable(self) -> bool:
         return bool(self.stops or self.delete)
+
+
+class GroupsHidden(Exception):
+    """Group exclusions or rules are set, but the Hub does not show the user's groups."""
 
 
 def user_servers(user: dict) -> dict:
@@ -198,9 +247,16 @@ def plan_user(user: object, policy: Policy, now: datetime) -> UserPlan:
     name = user.get("name") if isinstance(user, dict) else None
     if not isinstance(name, str) or not name:
         raise ValueError("user model without a name")
+    groups = user.get("groups")
+    if policy.needs_groups and not isinstance(groups, list):
+        raise GroupsHidden(name)
+    groups = frozenset(g for g in groups or () if isinstance(g, str))
+    servers = user_servers(user)
+    if name in policy.exclude_users or groups & policy.exclude_groups:
+        return UserPlan(name, kept=((None, Verdict(False, "excluded")),))
     stops, kept = [], []
-    for server_name, server in user_servers(user).items():
-        verdict = server_verdict(server_name, server, policy, now)
+    for server_name, server in servers.items():
+        verdict = server_verdict(server_name, server, policy, now, groups)
         if verdict.cull:
             remove = bool(server_name) and policy.remove_named_servers
             stops.append(Stop(server_name, remove, verdict))
@@ -208,6 +264,11 @@ def plan_user(user: object, policy: Policy, now: datetime) -> UserPlan:
             kept.append((server_name, verdict))
     # The Hub refuses (500) to delete a user while a named server runs: named ones go first.
     stops.sort(key=lambda stop: stop.server == "")
+    warn = tuple(
+        (server_name, verdict)
+        for server_name, verdict in kept
+        if verdict.cull_in is not None and verdict.cull_in <= policy.warn_before
+    )
     delete = None
     if policy.cull_users and not kept:
         verdict = user_verdict(user, policy, now)
@@ -215,7 +276,19 @@ def plan_user(user: object, policy: Policy, now: datetime) -> UserPlan:
             delete = verdict
         else:
             kept.append((None, verdict))
-    return UserPlan(name, tuple(stops), delete, tuple(kept))
+    return UserPlan(name, tuple(stops), delete, tuple(kept), warn)
+
+
+def warnings_to_send(
+    candidates: list[tuple[str, str]], warned: set[tuple[str, str]]
+) -> tuple[list[tuple[str, str]], set[tuple[str, str]]]:
+    """Which (user, server) in the warning window to warn now, and which were warned already.
+
+    A server is warned once per stay in the window: it is remembered while it stays there and
+    forgotten once it leaves (culled, or active again), so a later stay warns again.
+    """
+    new = [key for key in candidates if key not in warned]
+    return new, {key for key in candidates if key in warned}
 
 
 def missing_scopes(identity: dict, needed: tuple[str, ...]) -> list[str]:
@@ -411,6 +484,16 @@ class HubClient:
         response = self._request("DELETE", path, what, json={"remove": True} if remove else None)
         return self._action_result(response, what)
 
+    def server_active(self, user: str, server: str) -> bool:
+        """Is the server still running or stopping? (The Hub lists only active servers.)"""
+        what = f"looking at user {user}"
+        response = self._request("GET", f"/users/{quote(user, safe='')}", what)
+        if response.status_code == 404:
+            return False
+        model = self._json(response, what)
+        servers = model.get("servers") if isinstance(model, dict) else None
+        return isinstance(servers, dict) and server in servers
+
     def delete_user(self, user: str) -> str:
         what = f"deleting user {user}"
         response = self._request("DELETE", f"/users/{quote(user, safe='')}", what)
@@ -451,6 +534,9 @@ def _cause(exc: BaseException) -> str:
 # 3. The pass
 # ---------------------------------------------------------------------------
 
+NOTIFY_TIMEOUT = 30  # seconds one --notify-command may take
+STOP_POLL_INTERVAL = 1.0  # seconds between looks at a server that is stopping
+
 
 @dataclass
 class Outcome:
@@ -484,6 +570,7 @@ class Report:
     users_scanned: int = 0
     outcomes: list[Outcome] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    warnings_sent: int = 0
     fatal: str | None = None  # the Hub could not be used at all
     incomplete: str | None = None  # stopped early by --max-runtime or a signal
     duration: float = 0.0
@@ -509,6 +596,7 @@ class Report:
             "servers_stopping": self.count(("stop", "remove"), ("stopping",)),
             "named_servers_removed": self.count(("remove",), done),
             "users_deleted": self.count(("delete_user",), done),
+            "warnings_sent": self.warnings_sent,
             "failures": self.failures,
         }
 
@@ -533,6 +621,22 @@ class PassSettings:
     page_size: int = 0
     dry_run: bool = False
     max_runtime: float = 0
+    wait_for_stop: float = 0
+    notify_command: tuple[str, ...] = ()
+    state_file: str | None = None
+
+
+class Progress:
+    """What a pass tells about its progress; the terminal's bar overrides these."""
+
+    def start(self, label: str, length: int) -> None:
+        pass
+
+    def advance(self, steps: int = 1) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
 
 
 class _Gate:
@@ -572,17 +676,19 @@ def list_user_pages(
     pool: ThreadPoolExecutor,
     gate: _Gate,
     errors: list[str],
-) -> Iterator[list]:
-    """Pages of user models as they arrive; failures after the first page go to `errors`.
+) -> Iterator[tuple[list, int | None]]:
+    """(page of user models, total from the first page) as pages arrive.
 
-    Once the first page gives the total, the other pages are fetched concurrently.
-    Offsets are only stable while nothing is stopped, so the caller acts after the listing.
+    Failures after the first page go to `errors`. Once the first page gives the total, the
+    other pages are fetched concurrently. Offsets are only stable while nothing is stopped,
+    so the caller acts after the listing.
     """
     items, pagination = client.list_users(state, 0, settings.page_size)
-    yield items
+    total = pagination.get("total") if pagination else None
+    yield items, total if isinstance(total, int) else None
     if pagination is None:
         return  # a Hub that does not page answered with everyone
-    limit, total = pagination.get("limit"), pagination.get("total")
+    limit = pagination.get("limit")
     if not (isinstance(limit, int) and limit > 0 and isinstance(total, int)):
         errors.append(f"listing users (state={state}): unreadable pagination {pagination!r:.100}")
         return
@@ -600,7 +706,7 @@ def list_user_pages(
             continue
         if offset > last_offset:
             last_offset, last_pagination = offset, page_pagination or {}
-        yield items
+        yield items, total
     # Users added while we listed show up as a `next` after the last page we expected.
     pages = len(seen)
     try:
@@ -615,120 +721,131 @@ def list_user_pages(
             seen.add(offset)
             pages += 1
             items, page_pagination = client.list_users(state, offset, limit)
-            yield items
+            yield items, total
             offset = _next_offset(page_pagination or {}, client.base)
     except HubError as exc:
         errors.append(f"listing users (state={state}): {exc}")
 
 
-def carry_out(client: HubClient, plan: UserPlan, dry_run: bool, gate: _Gate) -> list[Outcome]:
+def carry_out(
+    client: HubClient, plan: UserPlan, settings: PassSettings, gate: _Gate
+) -> list[Outcome]:
     """Act on one user's plan: stops first, then the user, only if every stop finished."""
+
+    def act(action: str, server: str, verdict: Verdict, request) -> Outcome:
+        if settings.dry_run:
+            return Outcome(action, plan.user, server, verdict, "planned")
+        if reason := gate.why_closed():
+            return Outcome(action, plan.user, server, verdict, "skipped", reason)
+        try:
+            return Outcome(action, plan.user, server, verdict, request())
+        except HubError as exc:
+            return Outcome(action, plan.user, server, verdict, "failed", str(exc))
+
     outcomes = []
     for stop in plan.stops:
-        action = "remove" if stop.remove else "stop"
+
+        def request(stop=stop):
+            result = client.stop_server(plan.user, stop.server, stop.remove)
+            if result == "stopping" and settings.wait_for_stop:
+                result = _wait_for_stop(client, plan.user, stop.server, settings, gate)
+            return result
+
         outcomes.append(
-            _act(
-                lambda s=stop: client.stop_server(plan.user, s.server, s.remove),
-                action,
-                plan.user,
-                stop.server,
-                stop.verdict,
-                dry_run,
-                gate,
-            )
+            act("remove" if stop.remove else "stop", stop.server, stop.verdict, request)
         )
     if plan.delete:
-        unfinished = [o for o in outcomes if o.result not in ("done", "gone", "planned")]
+        unfinished = [
+            o.server or "(default)"
+            for o in outcomes
+            if o.result in ("stopping", "failed", "skipped")
+        ]
         if unfinished:
-            waiting = ", ".join(o.server or "(default)" for o in unfinished)
-            outcomes.append(
-                Outcome(
-                    "delete_user",
-                    plan.user,
-                    "",
-                    plan.delete,
-                    "skipped",
-                    f"server not stopped yet: {waiting}",
-                )
-            )
+            waiting = f"server not stopped yet: {', '.join(unfinished)}"
+            outcomes.append(Outcome("delete_user", plan.user, "", plan.delete, "skipped", waiting))
         else:
             outcomes.append(
-                _act(
-                    lambda: client.delete_user(plan.user),
-                    "delete_user",
-                    plan.user,
-                    "",
-                    plan.delete,
-                    dry_run,
-                    gate,
-                )
+                act("delete_user", "", plan.delete, lambda: client.delete_user(plan.user))
             )
     return outcomes
 
 
-def _act(request, action, user, server, verdict, dry_run, gate) -> Outcome:
-    if dry_run:
-        return Outcome(action, user, server, verdict, "planned")
-    if reason := gate.why_closed():
-        return Outcome(action, user, server, verdict, "skipped", reason)
-    try:
-        return Outcome(action, user, server, verdict, request())
-    except HubError as exc:
-        return Outcome(action, user, server, verdict, "failed", str(exc))
+def _wait_for_stop(
+    client: HubClient, user: str, server: str, settings: PassSettings, gate: _Gate
+) -> str:
+    """After a 202: look until the server is gone ('done') or the wait is over ('stopping')."""
+    deadline = time.monotonic() + settings.wait_for_stop
+    while (left := deadline - time.monotonic()) > 0 and not gate.stop.is_set():
+        time.sleep(min(STOP_POLL_INTERVAL, left))
+        try:
+            if not client.server_active(user, server):
+                return "done"
+        except HubError as exc:
+            log.warning("while waiting for %s to stop: %s", user, exc)
+    return "stopping"
 
 
 def run_pass(
-    client: HubClient, policy: Policy, settings: PassSettings, stop: threading.Event
+    client: HubClient,
+    policy: Policy,
+    settings: PassSettings,
+    stop: threading.Event,
+    progress: Progress | None = None,
 ) -> Report:
     started = time.monotonic()
+    progress = progress or Progress()
     report = Report(dry_run=settings.dry_run)
     gate = _Gate(stop, settings.max_runtime)
-    try:
-        _check_hub(client, policy, settings.dry_run)
-        states = _states(client.info().get("version"), policy)
-    except HubError as exc:
-        report.fatal = str(exc)
-        report.duration = time.monotonic() - started
-        return report
-    now = client.now()
-    skew = client.clock_skew()
-    if skew is not None and abs(skew) > CLOCK_SKEW_WARNING:
-        log.warning(
-            "this machine's clock is %+.0fs off the Hub's; using %s time",
-            skew,
-            "the Hub's" if client.hub_clock else "local",
-        )
-
     plans: dict[str, UserPlan] = {}
-    with ThreadPoolExecutor(
-        max_workers=settings.concurrency, thread_name_prefix="idle-cull"
-    ) as pool:
-        for index, state in enumerate(states):
-            try:
-                for page in list_user_pages(client, state, settings, pool, gate, report.errors):
-                    report.users_scanned += len(page)
-                    _plan_page(page, policy, now, plans, report)
-            except HubError as exc:
-                if index == 0:
-                    report.fatal = str(exc)
-                    report.duration = time.monotonic() - started
-                    return report
-                report.errors.append(str(exc))
-        futures = [
-            pool.submit(carry_out, client, plan, settings.dry_run, gate) for plan in plans.values()
-        ]
+    warnings: list[tuple[str, str, Verdict]] = []
+    with ThreadPoolExecutor(settings.concurrency, thread_name_prefix="idle-cull") as pool:
+        try:
+            _check_hub(client, policy, settings.dry_run)
+            states = _states(client.info().get("version"), policy)
+            now = client.now()
+            _warn_on_skew(client)
+            for index, state in enumerate(states):
+                try:
+                    pages = list_user_pages(client, state, settings, pool, gate, report.errors)
+                    for page, total in pages:
+                        if not report.users_scanned and total:
+                            progress.start("Listing users", total)
+                        progress.advance(len(page))
+                        report.users_scanned += len(page)
+                        _plan_page(page, policy, now, plans, warnings, report)
+                except HubError as exc:
+                    if index == 0:
+                        raise
+                    report.errors.append(str(exc))
+        except HubError as exc:
+            report.fatal = str(exc)
+        except GroupsHidden as exc:
+            report.fatal = (
+                f"the Hub does not show the groups of user {exc}: group exclusions and rules "
+                "need the read:users:groups scope"
+            )
+        progress.finish()
+        if report.fatal:
+            plans.clear()  # nothing is done on a partial or blind view of the Hub
+        progress.start("Culling", len(plans))
+        futures = [pool.submit(carry_out, client, plan, settings, gate) for plan in plans.values()]
         plans.clear()
         for future in as_completed(futures):
+            progress.advance()
             for outcome in future.result():
                 _log_outcome(outcome)
                 report.outcomes.append(outcome)
-    report.incomplete = gate.why_closed()
+        progress.finish()
+    if warnings and not report.fatal:
+        _send_warnings(warnings, now, client.base, settings, report)
+    report.incomplete = None if report.fatal else gate.why_closed()
     report.duration = time.monotonic() - started
     return report
 
 
 def _check_hub(client: HubClient, policy: Policy, dry_run: bool) -> None:
     needed = SERVER_SCOPES + (USER_SCOPES if policy.cull_users else ())
+    needed += GROUP_SCOPES if policy.needs_groups else ()
     missing = missing_scopes(client.identity(), needed)
     if dry_run:
         # A dry run sends no DELETE, so a read-only token may preview; say what a real run lacks.
@@ -746,7 +863,16 @@ def _states(version: object, policy: Policy) -> list[str | None]:
     return ["ready", "inactive"] if policy.cull_users else ["ready"]
 
 
-def _plan_page(page: list, policy: Policy, now: datetime, plans: dict, report: Report) -> None:
+def _warn_on_skew(client: HubClient) -> None:
+    skew = client.clock_skew()
+    if skew is not None and abs(skew) > CLOCK_SKEW_WARNING:
+        whose = "the Hub's" if client.hub_clock else "this machine's"
+        log.warning("this machine's clock is %+.0fs off the Hub's; using %s", skew, whose)
+
+
+def _plan_page(
+    page: list, policy: Policy, now: datetime, plans: dict, warnings: list, report: Report
+) -> None:
     for user in page:
         try:
             plan = plan_user(user, policy, now)
@@ -762,9 +888,10 @@ def _plan_page(page: list, policy: Policy, now: datetime, plans: dict, report: R
                 log.error("%s", message)
             else:
                 log.debug("keep user %s%s: %s", plan.user, _server_suffix(server), verdict.reason)
+        warnings.extend((plan.user, server, verdict) for server, verdict in plan.warn)
         # The same user can show up twice when offsets shift between pages; act once.
         if plan.actionable and plan.user not in plans:
-            plans[plan.user] = replace(plan, kept=())
+            plans[plan.user] = replace(plan, kept=(), warn=())
 
 
 def _server_suffix(server: str | None) -> str:
@@ -773,13 +900,110 @@ def _server_suffix(server: str | None) -> str:
     return f" server {server}" if server else " default server"
 
 
+def _send_warnings(
+    warnings: list[tuple[str, str, Verdict]],
+    now: datetime,
+    hub_url: str,
+    settings: PassSettings,
+    report: Report,
+) -> None:
+    """Run --notify-command once per server per stay in the warning window."""
+    verdicts = {(user, server): verdict for user, server, verdict in warnings}
+    new, remembered = warnings_to_send(list(verdicts), _read_warned(settings.state_file))
+    for user, server in new:
+        verdict = verdicts[(user, server)]
+        cull_at = now + timedelta(seconds=max(verdict.cull_in, 0))
+        if settings.dry_run:
+            log.info(
+                "would warn user=%s server=%s: culled in %.0fs",
+                user,
+                server or "(default)",
+                verdict.cull_in,
+            )
+            continue
+        message = {
+            "event": "cull_warning",
+            "user": user,
+            "server": server,
+            "idle_s": _round(verdict.idle),
+            "age_s": _round(verdict.age),
+            "cull_in_s": _round(verdict.cull_in),
+            "cull_at": cull_at.isoformat(),
+            "hub_api_url": hub_url,
+        }
+        if error := _notify(settings.notify_command, message):
+            report.errors.append(f"warning user {user}{_server_suffix(server)}: {error}")
+            log.error("could not warn user %s%s: %s", user, _server_suffix(server), error)
+        else:
+            remembered.add((user, server))
+            report.warnings_sent += 1
+            log.info(
+                "warned user=%s server=%s: culled in %.0fs",
+                user,
+                server or "(default)",
+                verdict.cull_in,
+                extra={"event": "warn", "user": user, "server": server},
+            )
+    if not settings.dry_run:
+        _write_warned(settings.state_file, remembered)
+
+
+def _notify(command: tuple[str, ...], message: dict) -> str | None:
+    """Run the operator's command with the warning as JSON on stdin; an error text or None."""
+    # The command is the operator's, but it has no need of the Hub token.
+    env = {k: v for k, v in os.environ.items() if k != "JUPYTERHUB_API_TOKEN"}
+    try:
+        done = subprocess.run(
+            command,
+            input=json.dumps(message),
+            text=True,
+            capture_output=True,
+            timeout=NOTIFY_TIMEOUT,
+            env=env,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"{command[0]}: {exc}"
+    if done.returncode:
+        return f"{command[0]} exited {done.returncode}: {done.stderr.strip()[-200:]}"
+    return None
+
+
+def _read_warned(path: str | None) -> set[tuple[str, str]]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return {(entry["user"], entry["server"]) for entry in json.load(f)["warned"]}
+    except FileNotFoundError:
+        return set()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("cannot read the state file %s (%s); starting afresh", path, exc)
+        return set()
+
+
+def _write_warned(path: str | None, warned: set[tuple[str, str]]) -> None:
+    entries = [{"user": user, "server": server} for user, server in sorted(warned)]
+    _write_atomically(path, json.dumps({"warned": entries}, indent=1))
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """Readers (node_exporter, the next pass) see the old file or the new one, never half."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(temporary, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(temporary, path)
+    except OSError as exc:
+        log.error("cannot write %s: %s", path, exc)
+
+
 def _log_outcome(outcome: Outcome) -> None:
     verdict = outcome.verdict
-    level = (
-        logging.ERROR
-        if outcome.result == "failed"
-        else (logging.WARNING if outcome.result in ("stopping", "skipped") else logging.INFO)
-    )
+    if outcome.result == "failed":
+        level = logging.ERROR
+    elif outcome.result in ("stopping", "skipped"):
+        level = logging.WARNING
+    else:
+        level = logging.INFO
     text = {"planned": "would do (dry run)", "stopping": "still stopping (202)"}.get(
         outcome.result, outcome.result
     )
@@ -814,6 +1038,63 @@ def summary_line(report: Report) -> str:
         f"failures={s['failures']}, duration={report.duration:.2f}s"
     )
     return line + (f" (incomplete: {report.incomplete})" if report.incomplete else "")
+
+
+METRICS = {
+    "users_scanned": "Users listed by the last pass",
+    "servers_stopped": "Servers stopped by the last pass",
+    "servers_stopping": "Servers still stopping (202) at the end of the last pass",
+    "named_servers_removed": "Named servers removed by the last pass",
+    "users_deleted": "Users deleted by the last pass",
+    "failures": "Failures in the last pass",
+}
+
+
+def write_metrics(report: Report, metrics_file: str | None, pushgateway: str | None) -> None:
+    """Prometheus metrics of a pass: a node_exporter textfile and/or a Pushgateway push."""
+    import prometheus_client as prom  # an optional extra: checked when the options are read
+
+    registry = prom.CollectorRegistry()
+    for key, value in report.summary().items():
+        if key in METRICS:
+            prom.Gauge(f"idle_cull_{key}", METRICS[key], registry=registry).set(value)
+    prom.Gauge(
+        "idle_cull_pass_duration_seconds", "Duration of the last pass", registry=registry
+    ).set(report.duration)
+    prom.Gauge("idle_cull_exit_code", "Exit code of the last pass", registry=registry).set(
+        report.exit_code
+    )
+    last_success = prom.Gauge(
+        "idle_cull_last_success_timestamp_seconds", "When a pass last succeeded", registry=registry
+    )
+    if report.exit_code == EXIT_OK:
+        last_success.set_to_current_time()
+    elif metrics_file:
+        last_success.set(_previous_metric(metrics_file, last_success._name))
+    if metrics_file:
+        _write_atomically(metrics_file, prom.generate_latest(registry).decode())
+    if pushgateway:
+        try:
+            # push_add replaces only these metrics, so a failed pass keeps the last success.
+            if report.exit_code != EXIT_OK:
+                registry.unregister(last_success)
+            prom.pushadd_to_gateway(pushgateway, job="idle_cull", registry=registry, timeout=10)
+        except OSError as exc:
+            log.error("cannot push metrics to %s: %s", pushgateway, exc)
+
+
+def _previous_metric(path: str, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            for family in text_string_to_metric_families(f.read()):
+                for sample in family.samples:
+                    if sample.name == name:
+                        return sample.value
+    except (OSError, ValueError):
+        pass
+    return 0.0
 
 
 # ---------------------------------------------------------------------------
@@ -927,6 +1208,7 @@ def _load_config(ctx: click.Context, _param, path: str | None) -> str | None:
         for opt in p.opts
         if opt.startswith("--") and p.name not in ("config", "version", "help")
     }
+    ctx.meta["idle_cull.rules"] = _read_rules(data.pop("rule", []), path)
     settings = {}
     for key, value in data.items():
         name = known.get(key.replace("-", "_"))
@@ -935,6 +1217,32 @@ def _load_config(ctx: click.Context, _param, path: str | None) -> str | None:
         settings[name] = value
     ctx.default_map = {**(ctx.default_map or {}), **settings}
     return path
+
+
+def _read_rules(tables: object, path: str) -> tuple[Rule, ...]:
+    """[[rule]] tables: `group` and/or `user_options` to match, `timeout`/`max-age` to set."""
+    if not isinstance(tables, list):
+        raise click.BadParameter(f"{path}: `rule` must be [[rule]] tables")
+    rules = []
+    for number, table in enumerate(tables, 1):
+        where = f"{path}: rule {number}"
+        table = {str(key).replace("-", "_"): value for key, value in dict(table).items()}
+        if unknown := set(table) - {"group", "user_options", "timeout", "max_age"}:
+            raise click.BadParameter(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        if "group" not in table and "user_options" not in table:
+            raise click.BadParameter(f"{where}: needs `group` or `user_options` to match")
+        if "timeout" not in table and "max_age" not in table:
+            raise click.BadParameter(f"{where}: needs `timeout` or `max-age`")
+        for key in ("timeout", "max_age"):
+            value = table.get(key, 0)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise click.BadParameter(f"{where}: {key} must be a whole number of seconds")
+        if not isinstance(table.get("group", ""), str):
+            raise click.BadParameter(f"{where}: group must be a string")
+        if not isinstance(table.get("user_options", {}), dict):
+            raise click.BadParameter(f"{where}: user_options must be a table")
+        rules.append(Rule(**table))
+    return tuple(rules)
 
 
 def _check_url(_ctx, _param, value: str) -> str:
@@ -1037,6 +1345,62 @@ def _duration(minimum: int = 0):
     return click.IntRange(min=minimum)
 
 
+class _TerminalProgress(Progress):
+    """click's progress bar, for a person watching a manual run."""
+
+    def __init__(self):
+        self.bar = None
+
+    def start(self, label: str, length: int) -> None:
+        self.finish()
+        self.bar = click.progressbar(length=length, label=label, file=sys.stderr)
+        self.bar.__enter__()
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+def result_table(report: Report) -> str:
+    """What a pass did, as a small table for a terminal."""
+    results = ("planned",) if report.dry_run else ("done", "gone", "stopping", "failed", "skipped")
+    rows = [("", *results)]
+    for action in ("stop", "remove", "delete_user"):
+        counts = [report.count((action,), (result,)) for result in results]
+        if any(counts):
+            rows.append((action, *map(str, counts)))
+    if len(rows) == 1:
+        return "nothing to do"
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(
+            cell.rjust(width) if i else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    )
+
+
+def _check_outputs(metrics_file, pushgateway, warn_before, notify_command, state_file) -> None:
+    if metrics_file or pushgateway:
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError:
+            raise click.UsageError(
+                "--metrics-file and --pushgateway need prometheus_client: "
+                "pip install 'idle-cull[metrics]'"
+            ) from None
+    if warn_before and not (notify_command and state_file):
+        raise click.UsageError("--warn-before needs --notify-command and --state-file")
+
+
+# The options read best as one compact block: keep the formatter away from it.
+# fmt: off
 @click.command(
     cls=_Command,
     context_settings={
@@ -1045,206 +1409,100 @@ def _duration(minimum: int = 0):
         "help_option_names": ["-h", "--help"],
     },
 )
-@click.option(
-    "--config",
-    type=click.Path(dir_okay=False),
-    is_eager=True,
-    expose_value=False,
-    callback=_load_config,
-    help="TOML file of settings (keys as the long options). Command line and "
-    "IDLE_CULL_* environment variables win over it.",
-)
-@click.option(
-    "--url",
-    callback=_check_url,
-    show_default="$JUPYTERHUB_API_URL, else " + DEFAULT_URL,
-    default=lambda: os.environ.get("JUPYTERHUB_API_URL") or DEFAULT_URL,
-    help="The Hub's API URL.",
-)
-@click.option(
-    "--api-token-file",
-    type=click.Path(dir_okay=False),
-    help="Read the API token from this file instead of $JUPYTERHUB_API_TOKEN.",
-)
-@click.option(
-    "--timeout",
-    type=_duration(1),
-    default=600,
-    show_default=True,
-    help="Seconds of inactivity after which a server is stopped.",
-)
-@click.option(
-    "--max-age",
-    type=_duration(),
-    default=0,
-    show_default=True,
-    help="Stop servers older than this many seconds even if active (0: never).",
-)
-@click.option(
-    "--cull-every",
-    type=_duration(),
-    default=None,
-    help="Run a pass every N seconds until SIGTERM (0: one pass, then exit). "
-    "Default 0, or timeout/2 when started by the Hub as a service.",
-)
-@click.option(
-    "--cull-users/--no-cull-users",
-    default=False,
-    show_default=True,
-    help="Also delete users whose servers are all stopped and who are idle or old.",
-)
-@click.option(
-    "--cull-admin-users/--no-cull-admin-users",
-    default=True,
-    show_default=True,
-    help="With --cull-users, may admin users be deleted.",
-)
-@click.option(
-    "--cull-default-servers/--no-cull-default-servers",
-    default=True,
-    show_default=True,
-    help="Stop idle default servers.",
-)
-@click.option(
-    "--cull-named-servers/--no-cull-named-servers",
-    default=True,
-    show_default=True,
-    help="Stop idle named servers.",
-)
-@click.option(
-    "--remove-named-servers/--no-remove-named-servers",
-    default=False,
-    show_default=True,
-    help="Delete named servers after stopping them.",
-)
-@click.option(
-    "--concurrency",
-    type=click.IntRange(1, 1000),
-    default=10,
-    show_default=True,
-    help="Most requests in flight to the Hub at once.",
-)
-@click.option(
-    "--api-page-size",
-    type=_duration(),
-    default=0,
-    show_default=True,
-    help="Users per page when listing (0: the Hub's default).",
-)
-@click.option(
-    "--request-timeout",
-    type=click.FloatRange(0, min_open=True),
-    default=lambda: float(os.environ.get("JUPYTERHUB_REQUEST_TIMEOUT") or 60),
-    show_default="$JUPYTERHUB_REQUEST_TIMEOUT, else 60",
-    help="Seconds to wait for each answer from the Hub.",
-)
-@click.option(
-    "--retries",
-    type=click.IntRange(0, 20),
-    default=3,
-    show_default=True,
-    help="Retries of a failed GET or DELETE (connection errors, 429, 5xx), with backoff.",
-)
-@click.option(
-    "--ssl-enabled/--no-ssl-enabled",
-    default=False,
-    show_default=True,
-    help="Use JupyterHub's internal SSL certificates.",
-)
-@click.option(
-    "--internal-certs-location",
-    default="internal-ssl",
-    show_default=True,
-    help="Folder of JupyterHub's internal SSL certificates.",
-)
-@click.option(
-    "--ca-bundle",
-    type=click.Path(exists=True, dir_okay=False),
-    help="CA bundle to verify the Hub's certificate.",
-)
-@click.option(
-    "--insecure/--no-insecure",
-    default=False,
-    help="Do not verify the Hub's TLS certificate (warned on every pass).",
-)
-@click.option(
-    "--arbiter",
-    callback=_load_arbiter,
-    metavar="MODULE:FUNCTION",
-    help="Your own idle test, called as f(inactive=timedelta, inactive_limit=int, "
-    "server=dict) -> bool; it replaces the idle-timeout test.",
-)
-@click.option(
-    "--clock",
-    type=click.Choice(["hub", "local"]),
-    default="hub",
-    show_default=True,
-    help="Whose clock decides idle times: the Hub's (from its Date header) or ours.",
-)
-@click.option(
-    "--lock-file",
-    type=click.Path(dir_okay=False),
-    help="Skip the pass (exit 0) when another pass holds this lock.",
-)
-@click.option(
-    "--max-runtime",
-    type=_duration(),
-    default=0,
-    show_default=True,
-    help="Start no new action after this many seconds; exit 1 (0: no limit).",
-)
+@click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
+              callback=_load_config,
+              help="TOML file of settings (keys as the long options, and [[rule]] tables). "
+                   "Command line and IDLE_CULL_* environment variables win over it.")
+@click.option("--url", callback=_check_url, show_default="$JUPYTERHUB_API_URL, else " + DEFAULT_URL,
+              default=lambda: os.environ.get("JUPYTERHUB_API_URL") or DEFAULT_URL,
+              help="The Hub's API URL.")
+@click.option("--api-token-file", type=click.Path(dir_okay=False),
+              help="Read the API token from this file instead of $JUPYTERHUB_API_TOKEN.")
+@click.option("--timeout", type=_duration(1), default=600, show_default=True,
+              help="Seconds of inactivity after which a server is stopped.")
+@click.option("--max-age", type=_duration(), default=0, show_default=True,
+              help="Stop servers older than this many seconds even if active (0: never).")
+@click.option("--cull-every", type=_duration(), default=None,
+              help="Run a pass every N seconds until SIGTERM (0: one pass, then exit). "
+                   "Default 0, or timeout/2 when started by the Hub as a service.")
+@click.option("--cull-users/--no-cull-users", default=False, show_default=True,
+              help="Also delete users whose servers are all stopped and who are idle or old.")
+@click.option("--user-timeout", type=_duration(1), default=None,
+              help="Seconds of inactivity after which a user is deleted [default: --timeout].")
+@click.option("--cull-admin-users/--no-cull-admin-users", default=True, show_default=True,
+              help="With --cull-users, may admin users be deleted.")
+@click.option("--cull-default-servers/--no-cull-default-servers", default=True,
+              show_default=True, help="Stop idle default servers.")
+@click.option("--cull-named-servers/--no-cull-named-servers", default=True, show_default=True,
+              help="Stop idle named servers.")
+@click.option("--remove-named-servers/--no-remove-named-servers", default=False,
+              show_default=True, help="Delete named servers after stopping them.")
+@click.option("--exclude-user", multiple=True, metavar="NAME",
+              help="Never stop this user's servers or delete the user (repeatable).")
+@click.option("--exclude-group", multiple=True, metavar="NAME",
+              help="Never stop the servers of this group's members or delete them (repeatable; "
+                   "needs the read:users:groups scope).")
+@click.option("--wait-for-stop", type=_duration(), default=0, show_default=True,
+              help="After a slow stop (202), wait up to this many seconds for it to finish.")
+@click.option("--warn-before", type=_duration(), default=0, show_default=True,
+              help="Warn through --notify-command this many seconds before a server is culled.")
+@click.option("--notify-command", metavar="COMMAND",
+              help="Command run once per warning, with the warning as JSON on stdin.")
+@click.option("--state-file", type=click.Path(dir_okay=False),
+              help="Where --warn-before remembers the warnings it sent.")
+@click.option("--concurrency", type=click.IntRange(1, 1000), default=10, show_default=True,
+              help="Most requests in flight to the Hub at once.")
+@click.option("--api-page-size", type=_duration(), default=0, show_default=True,
+              help="Users per page when listing (0: the Hub's default).")
+@click.option("--request-timeout", type=click.FloatRange(0, min_open=True),
+              default=lambda: float(os.environ.get("JUPYTERHUB_REQUEST_TIMEOUT") or 60),
+              show_default="$JUPYTERHUB_REQUEST_TIMEOUT, else 60",
+              help="Seconds to wait for each answer from the Hub.")
+@click.option("--retries", type=click.IntRange(0, 20), default=3, show_default=True,
+              help="Retries of a failed GET or DELETE (connection errors, 429, 5xx), with backoff.")
+@click.option("--ssl-enabled/--no-ssl-enabled", default=False, show_default=True,
+              help="Use JupyterHub's internal SSL certificates.")
+@click.option("--internal-certs-location", default="internal-ssl", show_default=True,
+              help="Folder of JupyterHub's internal SSL certificates.")
+@click.option("--ca-bundle", type=click.Path(exists=True, dir_okay=False),
+              help="CA bundle to verify the Hub's certificate.")
+@click.option("--insecure/--no-insecure", default=False,
+              help="Do not verify the Hub's TLS certificate (warned on every pass).")
+@click.option("--arbiter", callback=_load_arbiter, metavar="MODULE:FUNCTION",
+              help="Your own idle test, called as f(inactive=timedelta, inactive_limit=int, "
+                   "server=dict) -> bool; it replaces the idle-timeout test.")
+@click.option("--clock", type=click.Choice(["hub", "local"]), default="hub", show_default=True,
+              help="Whose clock decides idle times: the Hub's (from its Date header) or ours.")
+@click.option("--lock-file", type=click.Path(dir_okay=False),
+              help="Skip the pass (exit 0) when another pass holds this lock.")
+@click.option("--max-runtime", type=_duration(), default=0, show_default=True,
+              help="Start no new action after this many seconds; exit 1 (0: no limit).")
 @click.option("--dry-run/--no-dry-run", default=False, help="Decide and report; change nothing.")
-@click.option(
-    "--json/--no-json", "as_json", default=False, help="Print a JSON report of each pass on stdout."
-)
-@click.option(
-    "--log-level",
-    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-    default="INFO",
-    show_default=True,
-)
-@click.option(
-    "--log-format",
-    type=click.Choice(["text", "json"]),
-    default="text",
-    show_default=True,
-    help="Log lines on stderr as text or as JSON.",
-)
+@click.option("--json/--no-json", "as_json", default=False,
+              help="Print a JSON report of each pass on stdout.")
+@click.option("--metrics-file", type=click.Path(dir_okay=False),
+              help="Write Prometheus metrics here (node_exporter textfile format).")
+@click.option("--pushgateway", metavar="URL", help="Push Prometheus metrics here after a pass.")
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
+              show_default=True, help="Log lines on stderr as text or as JSON.")
 @click.version_option(__version__, prog_name="idle-cull")
-def main(
-    url,
-    api_token_file,
-    timeout,
-    max_age,
-    cull_every,
-    cull_users,
-    cull_admin_users,
-    cull_default_servers,
-    cull_named_servers,
-    remove_named_servers,
-    concurrency,
-    api_page_size,
-    request_timeout,
-    retries,
-    ssl_enabled,
-    internal_certs_location,
-    ca_bundle,
-    insecure,
-    arbiter,
-    clock,
-    lock_file,
-    max_runtime,
-    dry_run,
-    as_json,
-    log_level,
-    log_format,
-):
+@click.pass_context
+def main(ctx, url, api_token_file, timeout, max_age, cull_every, cull_users, user_timeout,
+         cull_admin_users, cull_default_servers, cull_named_servers, remove_named_servers,
+         exclude_user, exclude_group, wait_for_stop, warn_before, notify_command, state_file,
+         concurrency, api_page_size, request_timeout, retries, ssl_enabled,
+         internal_certs_location, ca_bundle, insecure, arbiter, clock, lock_file, max_runtime,
+         dry_run, as_json, metrics_file, pushgateway, log_level, log_format):
+    # fmt: on
     """Stop idle or over-age JupyterHub servers (and, if asked, delete idle users).
 
     One pass, then exit: 0 all done, 1 some action failed, 2 bad usage, 3 Hub unusable.
     """
     token = _read_token(api_token_file)
     verify, cert = _tls(ssl_enabled, internal_certs_location, ca_bundle, insecure)
+    _check_outputs(metrics_file, pushgateway, warn_before, notify_command, state_file)
     _setup_logging(log_level, log_format, token)
     if not cull_every and os.environ.get("JUPYTERHUB_SERVICE_NAME"):
         # Started by the Hub, which restarts a service that exits: loop, as upstream does.
@@ -1252,26 +1510,17 @@ def main(
     if insecure:
         urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
     policy = Policy(
-        timeout,
-        max_age,
-        cull_users,
-        cull_admin_users,
-        cull_default_servers,
-        cull_named_servers,
-        remove_named_servers,
-        arbiter,
+        timeout, max_age, cull_users, cull_admin_users, cull_default_servers, cull_named_servers,
+        remove_named_servers, arbiter, user_timeout, frozenset(exclude_user),
+        frozenset(exclude_group), ctx.meta.get("idle_cull.rules", ()), warn_before,
     )
-    settings = PassSettings(concurrency, api_page_size, dry_run, max_runtime)
-    client = HubClient(
-        url,
-        token,
-        concurrency=concurrency,
-        request_timeout=request_timeout,
-        retries=retries,
-        verify=verify,
-        cert=cert,
-        hub_clock=clock == "hub",
+    settings = PassSettings(
+        concurrency, api_page_size, dry_run, max_runtime, wait_for_stop,
+        tuple(shlex.split(notify_command or "")), state_file,
     )
+    client = HubClient(url, token, concurrency=concurrency, request_timeout=request_timeout,
+                       retries=retries, verify=verify, cert=cert, hub_clock=clock == "hub")
+    on_terminal = sys.stderr.isatty()
     stop = threading.Event()
     with _exclusive(lock_file) as acquired, _stop_on_signals(stop), contextlib.closing(client):
         if not acquired:
@@ -1280,10 +1529,15 @@ def main(
         while True:
             if insecure:
                 log.warning("TLS verification is off (--insecure)")
-            report = run_pass(client, policy, settings, stop)
+            report = run_pass(client, policy, settings, stop,
+                              _TerminalProgress() if on_terminal else None)
             (log.error if report.exit_code else log.info)(summary_line(report))
+            if on_terminal:
+                click.echo(result_table(report), err=True)
             if as_json:
                 click.echo(json.dumps(report.as_dict()))
+            if metrics_file or pushgateway:
+                write_metrics(report, metrics_file, pushgateway)
             if not cull_every:
                 return report.exit_code
             if stop.wait(cull_every):

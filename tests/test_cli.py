@@ -50,6 +50,7 @@ def test_idle_servers_are_stopped_and_the_rest_kept(fake_hub):
         "servers_stopping": 0,
         "named_servers_removed": 0,
         "users_deleted": 0,
+        "warnings_sent": 0,
         "failures": 0,
     }
     stop = next(a for a in result.json["actions"] if a["server"] == "lab")
@@ -367,7 +368,7 @@ def captured(monkeypatch):
     """Capture the settings a command line parses to, without a Hub."""
     seen = {}
 
-    def fake_pass(client, policy, settings, stop):
+    def fake_pass(client, policy, settings, stop, progress=None):
         seen.update(policy=policy, settings=settings, client=client)
         return idle_cull.Report()
 
