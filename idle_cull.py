@@ -836,7 +836,7 @@ def run_pass(
                 _log_outcome(outcome)
                 report.outcomes.append(outcome)
         progress.finish()
-    if warnings and not report.fatal:
+    if policy.warn_before and not report.fatal:
         _send_warnings(warnings, now, client.base, settings, report)
     report.incomplete = None if report.fatal else gate.why_closed()
     report.duration = time.monotonic() - started
