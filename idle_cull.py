@@ -3,7 +3,7 @@
 The file has four parts, in this order:
   1. decisions: pure functions from a user model, a policy and "now" to a plan (no I/O);
   2. the Hub client: the only place that speaks HTTP;
-  3. the pass: list users, plan, then carry the plan out concurrently, and report;
+  3. the pass: list users, plan, carry the plan out concurrently, report (warnings, metrics);
   4. the command line: parse, validate, wire the parts together.
 """
 
@@ -151,8 +151,9 @@ def server_verdict(
     """Should this server ("" is the default server) of a user in `groups` be stopped now?"""
     if server.get("pending"):
         return Verdict(False, f"pending {server['pending']}")
-    # Hubs before 0.9 had no "ready"; a URL meant the server was up.
-    if not server.get("ready", bool(server.get("url"))):
+    # Hubs before 0.9 had no "ready"; a URL meant the server was up. Anything but a real
+    # true (a string "false", a 1) is a state we could not read.
+    if server.get("ready", bool(server.get("url"))) is not True:
         return Verdict(False, "not ready")
     age = seconds_since(server.get("started"), now)
     activity = server.get("last_activity")
@@ -194,7 +195,8 @@ def user_verdict(user: dict, policy: Policy, now: datetime) -> Verdict:
     age = seconds_since(user.get("created"), now)
     activity = user.get("last_activity")
     idle = age if activity is None else seconds_since(activity, now)
-    if user.get("admin") and not policy.cull_admin_users:
+    # A missing or odd admin flag could be an admin: only a real false lets such a user go.
+    if not policy.cull_admin_users and user.get("admin") is not False:
         return Verdict(False, "admin users are not deleted", idle, age)
     if idle is not None and idle >= timeout:
         return Verdict(True, f"idle {idle:.0f}s >= user timeout {timeout}s", idle, age)
@@ -315,10 +317,6 @@ def supports_state_filter(version: object) -> bool:
 class HubError(Exception):
     """A request to the Hub failed. The message names what failed and never holds the token."""
 
-    def __init__(self, message: str, status: int | None = None):
-        super().__init__(message)
-        self.status = status
-
 
 class _CappedRetry(Retry):
     def parse_retry_after(self, retry_after: str) -> float:
@@ -400,10 +398,8 @@ class HubClient:
         return response
 
     def _json(self, response: requests.Response, what: str) -> object:
-        if not response.ok:
-            raise HubError(
-                f"{what}: HTTP {response.status_code} {_message(response)}", response.status_code
-            )
+        if not 200 <= response.status_code < 300:
+            raise HubError(f"{what}: HTTP {response.status_code} {_message(response)}")
         try:
             return response.json()
         except ValueError:
@@ -442,9 +438,8 @@ class HubClient:
         return (datetime.now(UTC) - hub_now).total_seconds()
 
     def info(self) -> dict:
-        model = self._json(
-            self._request("GET", "/", "reading the Hub's version"), "reading the Hub's version"
-        )
+        what = "reading the Hub's version"
+        model = self._json(self._request("GET", "/", what), what)
         return model if isinstance(model, dict) else {}
 
     def identity(self) -> dict:
@@ -505,11 +500,10 @@ class HubClient:
             return "stopping"
         if response.status_code == 404:
             return "gone"  # already stopped or deleted: what we wanted
-        if response.ok:
+        # Not `response.ok`: a redirect (to a login page, say) has stopped nothing.
+        if 200 <= response.status_code < 300:
             return "done"
-        raise HubError(
-            f"{what}: HTTP {response.status_code} {_message(response)}", response.status_code
-        )
+        raise HubError(f"{what}: HTTP {response.status_code} {_message(response)}")
 
 
 def _message(response: requests.Response) -> str:
@@ -1102,6 +1096,11 @@ def _previous_metric(path: str, name: str) -> float:
 # ---------------------------------------------------------------------------
 
 
+def redact(text: str, secret: str) -> str:
+    """The token blotted out, should the Hub or a proxy ever echo it back in a message."""
+    return text.replace(secret, "[token]") if secret else text
+
+
 class _Formatter(logging.Formatter):
     """Text or JSON lines, with the token blotted out of anything that might echo it."""
 
@@ -1125,7 +1124,7 @@ class _Formatter(logging.Formatter):
             text = json.dumps(entry)
         else:
             text = super().format(record)
-        return text.replace(self.secret, "[token]") if self.secret else text
+        return redact(text, self.secret)
 
 
 def _setup_logging(level: str, log_format: str, secret: str) -> None:
@@ -1535,7 +1534,7 @@ def main(ctx, url, api_token_file, timeout, max_age, cull_every, cull_users, use
             if on_terminal:
                 click.echo(result_table(report), err=True)
             if as_json:
-                click.echo(json.dumps(report.as_dict()))
+                click.echo(redact(json.dumps(report.as_dict()), token))
             if metrics_file or pushgateway:
                 write_metrics(report, metrics_file, pushgateway)
             if not cull_every:

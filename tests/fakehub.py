@@ -29,8 +29,9 @@ Behaviour worth knowing when writing tests
   A server built with ``server(stop_after=S)`` is slow to stop: DELETE answers 202, the server
   shows ``ready: False, pending: "stop"`` and is stopped for good by the first request the hub
   handles at least S seconds later (S=0: the very next request). DELETE while stopping: 202.
-- Deleting a user: 404 unknown, 400 if the default server is still stopping, 500 if a named
-  server is running or stopping, else the default server is stopped and the user removed (204).
+- Deleting a user (as the Hub): 404 unknown; 400 if the default server is stopping (or is slow
+  to stop: deleting starts its stop); else the default server is stopped, then 500 if a named
+  server is running or stopping, else the user is removed (204).
 - Auth: ``Authorization: token <t>`` (or ``bearer``). If ``scopes`` is a list, endpoints also
   check their scope (with admin:users / admin:servers implying the usual sub-scopes) and answer
   403 "... requires any of [scope]" like the Hub.
@@ -52,7 +53,8 @@ retry can then succeed. Kinds and their params:
                    timeout), then drop the connection, or handle the request normally
     "drop"         close the connection without answering
     "malformed"    body=b'{"items": [' : 200, Content-Type application/json, not JSON
-    "loop_next"    offset=0: the listing's next link points to that (already served) offset
+    "loop_next"    offset=0: the listing's next link points to that (already served) offset;
+                   endless=True: it always points to the following page, past the end too
     "foreign_next" base="http://evil.example:1/hub/api/users": next link on another host
     "bad_model"    user=NAME (required), model=None: that user's model in listings and
                    GET /users/NAME is replaced by `model` (default: BAD_USER_MODEL(name))
@@ -411,6 +413,21 @@ class FakeHub:
         with self._lock:
             return [(r.method, r.path) for r in self.requests if r.method == "DELETE"]
 
+    def reset(self) -> None:
+        """Forget users, faults and records (keep the settings): a fresh hub, same port."""
+        with self._lock:
+            self.users.clear()
+            self.faults.clear()
+            self.requests.clear()
+            self.counts.clear()
+            self.stops.clear()
+            self.removed.clear()
+            self.deleted_users.clear()
+            self._stopped_named.clear()
+            self._slow.clear()
+            self._stopping.clear()
+            self._generation += 1
+
     def clear_requests(self) -> None:
         with self._lock:
             self.requests.clear()
@@ -493,12 +510,14 @@ class FakeHub:
         user = self.users.get(name)
         if user is None:
             raise _Answer(404, "Not Found")
+        stopping = _Answer(400, f"{name}'s server is in the process of stopping, please wait.")
         if (name, "") in self._stopping:
-            raise _Answer(400, f"{name}'s server is in the process of stopping, please wait.")
+            raise stopping
+        # As the Hub: stop the default server first, then refuse if a named one is active.
+        if "" in user["servers"] and self._stop(name, "", remove=False) == 202:
+            raise stopping
         if any(s for s in user["servers"] if s):
             raise _Answer(500, "Internal Server Error")
-        if "" in user["servers"]:
-            self.stops.append((name, ""))
         del self.users[name]
         self._stopped_named.pop(name, None)
         self._generation += 1
@@ -538,8 +557,9 @@ class FakeHub:
         elif state not in (None, "ready", "active", "inactive"):
             raise _Answer(400, f"Unrecognized state filter: {state!r}")
         names = self._names(state)
+        bad = self._bad_models(req)
         if not self.paginate:
-            return [self.users[n] for n in names]
+            return [self._model(n, bad) for n in names]
 
         accepts = {
             s.strip().lower() for s in (req.headers.get("Accept") or "").split(",") if s.strip()
@@ -559,7 +579,6 @@ class FakeHub:
             page = [
                 n for n in page if any(s.get("ready") for s in self.users[n]["servers"].values())
             ]
-        bad = self._bad_models(req)
         items = [self._model(n, bad) for n in page] if bad else [self.users[n] for n in page]
         if not paginated:
             return items
@@ -570,7 +589,8 @@ class FakeHub:
         foreign = self._take_fault(req, {"foreign_next"})
         if loop is not None:
             loop.hits += 1
-            next_offset = loop.params.get("offset", 0)
+            if not loop.params.get("endless"):
+                next_offset = loop.params.get("offset", 0)
             next_base = f"http://{host}{req.raw_path}"
         elif foreign is not None:
             foreign.hits += 1

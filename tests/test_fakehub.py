@@ -82,6 +82,7 @@ def test_stop_and_delete_rules(fake_hub, api):
     user = f"/users/{quote(name, safe='')}"
 
     assert api("DELETE", f"{user}").status_code == 500  # named server still running
+    assert list(fake_hub.users[name]["servers"]) == ["gpu"]  # the Hub stopped the default first
     assert api("DELETE", f"{user}/server", json={"remove": True}).status_code == 400
     assert api("DELETE", f"{user}/server").status_code == 204
     assert api("DELETE", f"{user}/server").status_code == 204  # already stopped
@@ -144,8 +145,16 @@ def test_faults(fake_hub, api):
     items = api("GET", "/users", headers=PAGED).json()["items"]
     assert items[1]["last_activity"] == "yesterday" and items[0]["name"] == "user0"
 
+    fake_hub.add_fault(("GET", r"/users$"), "hang", times=1, seconds=2)
+    with pytest.raises(requests.Timeout):
+        requests.get(fake_hub.url + "/users", timeout=0.2)
+
+    fake_hub.add_fault(("GET", r"/users$"), "foreign_next", times=1)
+    page = api("GET", "/users?limit=1", headers=PAGED).json()
+    assert page["_pagination"]["next"]["url"].startswith("http://evil.example:1/hub/api/users?")
+
     fake_hub.add_fault(("GET", r"/users$"), "malformed", times=1)
     with pytest.raises(ValueError):
         api("GET", "/users").json()
 
-    assert fake_hub.faults_injected == 5
+    assert fake_hub.faults_injected == 7
