@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 import threading
 import time
 import traceback
@@ -251,6 +252,7 @@ class FakeHub:
         date_skew: float = 0.0,
         send_date: bool = True,
         service_name: str = "idle-cull",
+        tls: ssl.SSLContext | None = None,
     ):
         self.version = version
         self.token = token
@@ -262,6 +264,7 @@ class FakeHub:
         self.date_skew = date_skew
         self.send_date = send_date
         self.service_name = service_name
+        self.tls = tls  # serve HTTPS with this server-side context
 
         self.users: dict[str, dict] = {}  # name -> user model, in creation order (= Hub's id)
         self.requests: list[Request] = []
@@ -289,6 +292,8 @@ class FakeHub:
 
     def start(self) -> FakeHub:
         self._httpd = _HTTPServer(self)
+        if self.tls is not None:
+            self._httpd.socket = self.tls.wrap_socket(self._httpd.socket, server_side=True)
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )
@@ -315,7 +320,7 @@ class FakeHub:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def url(self) -> str:
