@@ -21,7 +21,7 @@ install: $(STAMP)
 $(CHP):
 	npm install --silent --no-audit --no-fund --prefix $(NODE_DIR) configurable-http-proxy@5.3.0
 
-test: install $(CHP)
+test: install $(CHP) systemd-tools
 	PATH="$(NODE_BIN):$$PATH" $(PY) -m pytest -q
 
 lint: install
@@ -30,3 +30,35 @@ lint: install
 
 clean:
 	rm -rf $(VENV) $(NODE_DIR) .pytest_cache .ruff_cache .hypothesis
+
+# --- Scheduling (README "Running on a schedule") ---
+# The tests verify the systemd units with systemd-analyze, from Debian's `systemd` package.
+systemd-tools:
+	command -v systemd-analyze >/dev/null || \
+		{ apt-get update -q && apt-get install -y -q --no-install-recommends systemd; }
+
+# Copies the units and the example settings, then enables the timer. Expects idle-cull in
+# /opt/idle-cull/venv and the Hub token in /etc/idle-cull/token (README). Never overwrites an
+# existing /etc/idle-cull/idle-cull.env. With DESTDIR set it only lays out files under DESTDIR
+# and enables the timer there, offline (the tests use that).
+install-systemd:
+	@test -s $(DESTDIR)/etc/idle-cull/token || \
+		{ echo "install-systemd: put the Hub API token in $(DESTDIR)/etc/idle-cull/token first" >&2; exit 1; }
+	install -d -m 0755 $(DESTDIR)/etc/systemd/system
+	install -m 0644 systemd/idle-cull.service systemd/idle-cull.timer $(DESTDIR)/etc/systemd/system/
+	test -e $(DESTDIR)/etc/idle-cull/idle-cull.env || \
+		install -m 0644 systemd/idle-cull.env.example $(DESTDIR)/etc/idle-cull/idle-cull.env
+ifeq ($(DESTDIR),)
+	systemctl daemon-reload
+	systemctl enable --now idle-cull.timer
+else
+	systemctl --root=$(DESTDIR) enable idle-cull.timer
+endif
+
+.PHONY: systemd-tools install-systemd
+
+# --- make demo (README "Try it") ---
+# A throw-away JupyterHub + proxy on 127.0.0.1 with a few users; the culler runs as a dry run,
+# then for real, and everything started is stopped again (tests/demo.py).
+demo: install $(CHP)
+	PATH="$(NODE_BIN):$$PATH" $(PY) tests/demo.py

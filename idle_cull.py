@@ -801,9 +801,9 @@ def run_pass(
             for index, state in enumerate(states):
                 try:
                     pages = list_user_pages(client, state, settings, pool, gate, report.errors)
-                    for page, total in pages:
-                        if not report.users_scanned and total:
-                            progress.start("Listing users", total)
+                    for number, (page, total) in enumerate(pages):
+                        if number == 0 and total:
+                            progress.start(f"Listing users ({state or 'all'})", total)
                         progress.advance(len(page))
                         report.users_scanned += len(page)
                         _plan_page(page, policy, now, plans, warnings, report)
@@ -821,7 +821,8 @@ def run_pass(
         progress.finish()
         if report.fatal:
             plans.clear()  # nothing is done on a partial or blind view of the Hub
-        progress.start("Culling", len(plans))
+        if plans:
+            progress.start("Culling", len(plans))
         futures = [pool.submit(carry_out, client, plan, settings, gate) for plan in plans.values()]
         plans.clear()
         for future in as_completed(futures):
