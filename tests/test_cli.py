@@ -2,6 +2,7 @@
 
 import fcntl
 import json
+import os
 import re
 import signal
 import subprocess
@@ -494,6 +495,10 @@ def test_runs_as_a_module_and_as_a_script(fake_hub):
     assert proc.returncode == 0 and proc.stdout.startswith("idle-cull, version")
     proc = run_cull_subprocess(fake_hub, "--json")
     assert proc.returncode == 0 and proc.json["summary"]["servers_stopped"] == 1
+    # `make install` installs the project, so the console script sits beside the interpreter.
+    script = os.path.join(os.path.dirname(sys.executable), "idle-cull")
+    proc = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and proc.stdout.startswith("idle-cull, version")
 
 
 def _wait_for(condition, seconds=20):
@@ -514,8 +519,6 @@ def _wait_for(condition, seconds=20):
     ],
 )
 def test_loop_mode_culls_on_every_pass_and_stops_cleanly_on_sigterm(fake_hub, args, env):
-    import os
-
     fake_hub.add_user("u", servers={"": idle_server()})
     run_env = {
         k: v for k, v in os.environ.items() if not k.startswith(("IDLE_CULL_", "JUPYTERHUB_"))
