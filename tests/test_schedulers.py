@@ -256,9 +256,15 @@ mount -t tmpfs tmpfs /opt
 mount -t tmpfs tmpfs /sys/fs/cgroup
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 # What `python3 -m venv /opt/idle-cull/venv; pip install .` makes, without the network: the
-# system Python, with this project and its dependencies taken from the test venv.
+# system Python, with this project and its dependencies taken from the test venv. They are
+# bound under /opt because the checkout may sit where the service cannot see (PrivateTmp=,
+# ProtectHome=).
 /usr/bin/python3 -m venv --without-pip /opt/idle-cull/venv
-printf '%s\n' "$SITE_PACKAGES" "$REPO" > "/opt/idle-cull/venv/lib/$PYTHON/site-packages/repo.pth"
+mkdir /opt/idle-cull/site /opt/idle-cull/src
+mount --bind "$SITE_PACKAGES" /opt/idle-cull/site
+mount --bind "$REPO" /opt/idle-cull/src
+printf '%s\n' /opt/idle-cull/site /opt/idle-cull/src \
+    > "/opt/idle-cull/venv/lib/$PYTHON/site-packages/repo.pth"
 printf '#!/opt/idle-cull/venv/bin/python\nfrom idle_cull import main\nmain()\n' \
     > /opt/idle-cull/venv/bin/idle-cull
 chmod 755 /opt/idle-cull/venv/bin/idle-cull
