@@ -487,7 +487,9 @@ class HubClient:
             return False
         model = self._json(response, what)
         servers = model.get("servers") if isinstance(model, dict) else None
-        return isinstance(servers, dict) and server in servers
+        if not isinstance(servers, dict):
+            raise HubError(f"{what}: unreadable user model")
+        return server in servers
 
     def delete_user(self, user: str) -> str:
         what = f"deleting user {user}"
@@ -500,8 +502,8 @@ class HubClient:
             return "stopping"
         if response.status_code == 404:
             return "gone"  # already stopped or deleted: what we wanted
-        # Not `response.ok`: a redirect (to a login page, say) has stopped nothing.
-        if 200 <= response.status_code < 300:
+        # The Hub answers 204. A redirect or a proxy's 200 page (a login form) stopped nothing.
+        if response.status_code == 204 or (response.status_code == 200 and not response.content):
             return "done"
         raise HubError(f"{what}: HTTP {response.status_code} {_message(response)}")
 
@@ -1099,7 +1101,10 @@ def _previous_metric(path: str, name: str) -> float:
 
 def redact(text: str, secret: str) -> str:
     """The token blotted out, should the Hub or a proxy ever echo it back in a message."""
-    return text.replace(secret, "[token]") if secret else text
+    if not secret:
+        return text
+    # Also as JSON would escape it, for the JSON logs and report.
+    return text.replace(secret, "[token]").replace(json.dumps(secret)[1:-1], "[token]")
 
 
 class _Formatter(logging.Formatter):

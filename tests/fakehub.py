@@ -51,7 +51,8 @@ retry can then succeed. Kinds and their params:
     "status"       code=503, headers={} (e.g. {"Retry-After": "1"}), body=None (JSON error)
     "hang"         seconds=5.0, then="close"|"answer": wait (longer than the client's read
                    timeout), then drop the connection, or handle the request normally
-    "drop"         close the connection without answering
+    "drop"         after=False: close the connection without answering; after=True: do the
+                   work (stop, delete...), then close without answering (the answer is lost)
     "malformed"    body=b'{"items": [' : 200, Content-Type application/json, not JSON
     "loop_next"    offset=0: the listing's next link points to that (already served) offset;
                    endless=True: it always points to the following page, past the end too
@@ -775,7 +776,7 @@ class _Handler(BaseHTTPRequestHandler):
                 else:
                     self._error(code, "injected fault", headers=p.get("headers"))
                 return
-            if fault.kind == "drop":
+            if fault.kind == "drop" and not p.get("after"):
                 return self._drop()
             if fault.kind == "malformed":
                 return self._send(200, raw=p.get("body", b'{"items": ['))
@@ -784,6 +785,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if p.get("then", "close") == "close":
                     return self._drop()
 
+        lose_answer = fault is not None and fault.kind == "drop"  # drop(after=True)
         if req.kind == "info":
             return self._send(200, {"version": hub.version})
         auth = (req.headers.get("Authorization") or "").split(None, 1)
@@ -794,5 +796,9 @@ class _Handler(BaseHTTPRequestHandler):
                 status, body = hub._route(req, self.headers.get("Host") or "")
                 raw = json.dumps(body).encode() if body is not None else None
         except _Answer as answer:
-            return self._error(answer.status, answer.message)
+            status, raw = answer.status, None
+            if not lose_answer:
+                return self._error(answer.status, answer.message)
+        if lose_answer:
+            return self._drop()  # the work is done, the answer is lost
         self._send(status, raw=raw)

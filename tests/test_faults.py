@@ -113,6 +113,9 @@ CASES = [
     Case("drop once: page", page(6), "drop", 0, times=1),
     Case("drop forever: stop", stop_of("idle5"), "drop", 1, LOST_5, reported="idle5"),
     Case("drop forever: page", page(3), "drop", 1, PAGE_3, reported="offset=3"),
+    Case("answer lost after a stop", stop_of("idle5"), "drop", 0, times=1, params={"after": True}),
+    Case("answer lost after a named stop", stop_of("mixed", "gpu"), "drop", 0, times=1,
+         params={"after": True}),
     Case("malformed JSON: page", page(3), "malformed", 1, PAGE_3, reported="not JSON"),
     Case("malformed JSON: HTML page", page(3), "malformed", 1, PAGE_3, params=HTML,
          reported="not JSON"),
@@ -154,6 +157,8 @@ def test_fault_matrix(fake_hub, case):
     result = run_cull(fake_hub, *ARGS, *case.args)
 
     assert fault.hits >= 1, "the fault was never injected: the case tests nothing"
+    if case.times and case.exit_code == 0:
+        assert fault.hits == case.times  # retried through every injected failure
     assert result.exit_code == case.exit_code, result.stderr
     assert result.json["exit_code"] == case.exit_code
     assert set(fake_hub.stops) == EXPECTED - case.lost
@@ -288,12 +293,58 @@ def test_token_echoed_by_hub_is_redacted(fake_hub):
     assert TOKEN not in result.stdout
 
 
-def test_redirect_on_stop_is_a_failure(fake_hub):
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"kind": "status", "code": 302, "headers": {"Location": "/hub/login"}, "body": b""},
+        {"kind": "malformed", "body": b"<html>Sign in</html>"},
+    ],
+    ids=["302 redirect", "200 html page"],
+)
+def test_answer_that_is_not_a_stop_is_a_failure(fake_hub, answer):
     populate(fake_hub)
-    redirect = {"code": 302, "headers": {"Location": "/hub/login"}, "body": b""}
-    fake_hub.add_fault(stop_of("idle1"), "status", **redirect)
+    fake_hub.add_fault(stop_of("idle1"), **answer)
     result = run_cull(fake_hub, *ARGS)
     assert set(fake_hub.stops) == EXPECTED - {("idle1", "")}
-    assert result.exit_code == 1
     idle1 = [a for a in result.json["actions"] if a["user"] == "idle1"]
     assert [a["result"] for a in idle1] == ["failed"]
+    assert result.exit_code == 1
+
+
+def test_wait_for_stop_does_not_trust_an_unreadable_model(fake_hub):
+    old = fake_hub.iso(3600)
+    fake_hub.add_user(
+        "slow", last_activity=old, servers={"": server(last_activity=old, stop_after=60)}
+    )
+    no_servers = {"kind": "user", "name": "slow"}
+    fake_hub.add_fault(("GET", "^/hub/api/users/slow$"), "bad_model", user="slow", model=no_servers)
+    result = run_cull(fake_hub, "--json", "--cull-users", "--wait-for-stop", 2)
+    assert [a["result"] for a in result.json["actions"]] == ["stopping", "skipped"]
+    assert fake_hub.counts["delete_user"] == 0
+    assert result.exit_code == 0
+
+
+@pytest.mark.parametrize("kind", ["status", "drop", "lost answer"])
+def test_user_delete_faults(fake_hub, kind):
+    """Deleting users: a failure for good keeps that user and the pass goes on; a lost answer
+    (the Hub deleted the user, the reply never came) is retried and ends as gone, not failed."""
+    old = fake_hub.iso(3600)
+    for name in ("u1", "u2", "u3"):
+        fake_hub.add_user(name, last_activity=old, servers={"": server(last_activity=old)})
+    if kind == "lost answer":  # once: the retry must then hear 404
+        fault = fake_hub.add_fault(("DELETE", "^/hub/api/users/u2$"), "drop", times=1, after=True)
+    else:
+        fault = fake_hub.add_fault(("DELETE", "^/hub/api/users/u2$"), kind)
+    result = run_cull(fake_hub, *ARGS, "--cull-users")
+    assert fault.hits >= 1
+    assert set(fake_hub.stops) == {("u1", ""), ("u2", ""), ("u3", "")}
+    u2 = [a for a in result.json["actions"] if a["user"] == "u2" and a["action"] == "delete_user"]
+    if kind == "lost answer":
+        assert sorted(fake_hub.deleted_users) == ["u1", "u2", "u3"]
+        assert [a["result"] for a in u2] == ["gone"]
+        assert result.exit_code == 0, result.stderr
+    else:
+        assert sorted(fake_hub.deleted_users) == ["u1", "u3"]
+        assert [a["result"] for a in u2] == ["failed"]
+        assert "u2" in u2[0]["error"]
+        assert result.exit_code == 1
