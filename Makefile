@@ -7,7 +7,7 @@ NODE_BIN := $(abspath $(NODE_DIR))/node_modules/.bin
 CHP := $(NODE_BIN)/configurable-http-proxy
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint bench demo clean
+.PHONY: install proxy test lint bench demo clean
 
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,8 @@ install: $(STAMP)
 # The end-to-end tests run a real configurable-http-proxy in front of a real JupyterHub.
 $(CHP):
 	npm install --silent --no-audit --no-fund --prefix $(NODE_DIR) configurable-http-proxy@5.3.0
+
+proxy: $(CHP)
 
 test: install $(CHP) systemd-tools
 	PATH="$(NODE_BIN):$$PATH" $(PY) -m pytest -q
@@ -62,3 +64,20 @@ endif
 # then for real, and everything started is stopped again (tests/demo.py).
 demo: install $(CHP)
 	PATH="$(NODE_BIN):$$PATH" $(PY) tests/demo.py
+
+# --- Benchmark (issue 6; not part of `make test`) ---
+# Ours against the upstream jupyterhub-idle-culler 2.0.0, which gets a venv of its own.
+# Prints the results table and PASS/FAIL per target (exit 1 on a FAIL). Sizes are user counts;
+# the 100,000-user runs take about 20 minutes: make bench SIZES=1000,10000,100000
+BENCH_VENV := .bench-venv/upstream
+SIZES ?= 1000,10000
+LATENCIES ?= 0,10
+
+$(BENCH_VENV)/.installed:
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q --disable-pip-version-check jupyterhub-idle-culler==2.0.0
+	touch $@
+
+bench: install $(BENCH_VENV)/.installed
+	$(PY) tests/bench/bench.py --sizes $(SIZES) --latencies $(LATENCIES) \
+		--upstream-python $(BENCH_VENV)/bin/python

@@ -269,7 +269,10 @@ def plan_user(user: object, policy: Policy, now: datetime) -> UserPlan:
     warn = tuple(
         (server_name, verdict)
         for server_name, verdict in kept
-        if verdict.cull_in is not None and verdict.cull_in <= policy.warn_before
+        if policy.warn_before
+        and verdict.cull_in is not None
+        # An arbiter may keep a server past the timeout: nothing to warn of then.
+        and 0 < verdict.cull_in <= policy.warn_before
     )
     delete = None
     if policy.cull_users and not kept:
@@ -1536,7 +1539,10 @@ def main(ctx, url, api_token_file, timeout, max_age, cull_every, cull_users, use
                 log.warning("TLS verification is off (--insecure)")
             report = run_pass(client, policy, settings, stop,
                               _TerminalProgress() if on_terminal else None)
-            (log.error if report.exit_code else log.info)(summary_line(report))
+            # A pass cut short by the deadline or a stop signal is not an error of its own.
+            level = logging.ERROR if report.failures or report.fatal else logging.INFO
+            log.log(logging.WARNING if report.incomplete and level == logging.INFO else level,
+                    "%s", summary_line(report))
             if on_terminal:
                 click.echo(result_table(report), err=True)
             if as_json:

@@ -236,3 +236,18 @@ def test_supports_state_filter(version, expected):
 )
 def test_normalize_argv_accepts_upstream_spellings(argv, expected):
     assert normalize_argv(argv) == expected
+
+
+@pytest.mark.parametrize(
+    "warn_before, idle, arbiter, warned",
+    [
+        (0, 590, None, False),  # warnings off
+        (60, 590, None, True),  # culled in 10 s
+        (60, 500, None, False),  # culled in 100 s: not yet
+        (60, 900, lambda **_: False, False),  # an arbiter keeps it past the timeout
+    ],
+)
+def test_plan_warns_only_within_the_window(warn_before, idle, arbiter, warned):
+    user = {"name": "u", "servers": {"": server(idle=idle)}}
+    plan = plan_user(user, Policy(timeout=600, warn_before=warn_before, arbiter=arbiter), NOW)
+    assert bool(plan.warn) is warned
