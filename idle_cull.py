@@ -269,10 +269,8 @@ def plan_user(user: object, policy: Policy, now: datetime) -> UserPlan:
     warn = tuple(
         (server_name, verdict)
         for server_name, verdict in kept
-        if policy.warn_before
-        and verdict.cull_in is not None
-        # An arbiter may keep a server past the timeout: nothing to warn of then.
-        and 0 < verdict.cull_in <= policy.warn_before
+        # Not past the limit: an arbiter may keep a server beyond the timeout.
+        if verdict.cull_in is not None and 0 < verdict.cull_in <= policy.warn_before
     )
     delete = None
     if policy.cull_users and not kept:
@@ -1394,6 +1392,13 @@ def result_table(report: Report) -> str:
     )
 
 
+def _summary_level(report: Report) -> int:
+    if report.failures or report.fatal:
+        return logging.ERROR
+    # Cut short by the deadline or a stop signal: worth a look, not an error of its own.
+    return logging.WARNING if report.incomplete else logging.INFO
+
+
 def _check_outputs(metrics_file, pushgateway, warn_before, notify_command, state_file) -> None:
     if metrics_file or pushgateway:
         try:
@@ -1405,6 +1410,10 @@ def _check_outputs(metrics_file, pushgateway, warn_before, notify_command, state
             ) from None
     if warn_before and not (notify_command and state_file):
         raise click.UsageError("--warn-before needs --notify-command and --state-file")
+    try:
+        shlex.split(notify_command or "")
+    except ValueError as exc:
+        raise click.UsageError(f"--notify-command: {exc}") from None
 
 
 # The options read best as one compact block: keep the formatter away from it.
@@ -1539,10 +1548,7 @@ def main(ctx, url, api_token_file, timeout, max_age, cull_every, cull_users, use
                 log.warning("TLS verification is off (--insecure)")
             report = run_pass(client, policy, settings, stop,
                               _TerminalProgress() if on_terminal else None)
-            # A pass cut short by the deadline or a stop signal is not an error of its own.
-            level = logging.ERROR if report.failures or report.fatal else logging.INFO
-            log.log(logging.WARNING if report.incomplete and level == logging.INFO else level,
-                    "%s", summary_line(report))
+            log.log(_summary_level(report), "%s", summary_line(report))
             if on_terminal:
                 click.echo(result_table(report), err=True)
             if as_json:

@@ -272,9 +272,12 @@ def test_dry_run_sends_no_warning(fake_hub, tmp_path, notifier):
     assert "would warn user=soon" in result.stderr
 
 
-def test_warn_before_needs_a_command_and_a_state_file(fake_hub):
+def test_warn_before_needs_a_command_and_a_state_file(fake_hub, tmp_path):
     result = run_cull(fake_hub, "--warn-before=60")
     assert result.exit_code == 2 and "--notify-command and --state-file" in result.stderr
+    state = f"--state-file={tmp_path / 's.json'}"
+    result = run_cull(fake_hub, "--warn-before=60", "--notify-command=mail 'unclosed", state)
+    assert result.exit_code == 2 and "No closing quotation" in result.stderr
 
 
 # ---- observability -----------------------------------------------------------------------
