@@ -1209,7 +1209,7 @@ def _load_config(ctx: click.Context, _param, path: str | None) -> str | None:
         raise click.BadParameter(f"cannot read {path}: {exc}") from None
     # Keys are the long option names ("cull-users", or "cull_users" as upstream spells them).
     known = {
-        opt[2:].replace("-", "_"): p.name
+        opt[2:].replace("-", "_"): p
         for p in ctx.command.params
         for opt in p.opts
         if opt.startswith("--") and p.name not in ("config", "version", "help")
@@ -1217,10 +1217,15 @@ def _load_config(ctx: click.Context, _param, path: str | None) -> str | None:
     ctx.meta["idle_cull.rules"] = _read_rules(data.pop("rule", []), path)
     settings = {}
     for key, value in data.items():
-        name = known.get(key.replace("-", "_"))
-        if name is None:
+        param = known.get(key.replace("-", "_"))
+        if param is None:
             raise click.BadParameter(f"{path}: unknown setting {key!r}")
-        settings[name] = value
+        if param.multiple and isinstance(value, str):
+            value = [value]  # exclude-user = "bob" means one name
+        items = value if param.multiple and isinstance(value, list) else [value]
+        if not all(isinstance(item, str | int | float) for item in items):
+            raise click.BadParameter(f"{path}: {key} = {value!r} is not a plain value")
+        settings[param.name] = value
     ctx.default_map = {**(ctx.default_map or {}), **settings}
     return path
 

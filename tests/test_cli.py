@@ -473,11 +473,24 @@ def CliRunnerNoUrl(hub, env, *args):  # noqa: N802 - a run without the --url run
     return CliRunner().invoke(idle_cull.main, list(args), env=full_env, catch_exceptions=False)
 
 
-def test_unknown_config_keys_are_refused(fake_hub, tmp_path):
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("timeout = 60\ntimeuot = 5\n", "unknown setting 'timeuot'"),
+        ("timeout = [60]\n", "timeout = [60] is not a plain value"),
+        ("exclude-user = [{name = 'x'}]\n", "is not a plain value"),
+        ('cull-users = "maybe"\n', "'maybe' is not a valid boolean"),
+        ("timeout = 60\n[section]\n", "unknown setting 'section'"),
+        ("timeout = {minutes = 5}\n", "is not a plain value"),
+        ("timeout = \n", "cannot read"),
+    ],
+)
+def test_bad_config_files_are_refused(fake_hub, tmp_path, text, message):
     config = tmp_path / "c.toml"
-    config.write_text("timeout = 60\ntimeuot = 5\n")
+    config.write_text(text)
     result = run_cull(fake_hub, f"--config={config}")
-    assert result.exit_code == 2 and "unknown setting 'timeuot'" in result.stderr
+    assert result.exit_code == 2 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 # ---- running as a process: entry points, loop mode, lock, deadline -------------------------

@@ -59,7 +59,7 @@ def test_config_file_exclusions(groups_hub, tmp_path):
     for name in ("alice", "bob"):
         fake_hub.add_user(name, groups=[], servers={"": idle_server()})
     config = tmp_path / "c.toml"
-    config.write_text('exclude-user = ["bob"]\nexclude_group = ["nobody"]\n')
+    config.write_text('exclude-user = "bob"\nexclude_group = ["nobody"]\n')
     assert run_cull(fake_hub, f"--config={config}").exit_code == 0
     assert fake_hub.stops == [("alice", "")]
 
