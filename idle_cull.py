@@ -1257,8 +1257,12 @@ def _read_rules(tables: object, path: str) -> tuple[Rule, ...]:
 
 
 def _check_url(_ctx, _param, value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    try:
+        parts = urlsplit(value)
+        usable = parts.scheme in ("http", "https") and parts.hostname and parts.port != 0
+    except ValueError:  # a bad port or IPv6 address
+        usable = False
+    if not usable:
         raise click.BadParameter(f"{value!r} is not an http(s) URL like {DEFAULT_URL}")
     return value
 

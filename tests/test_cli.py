@@ -315,6 +315,9 @@ def test_unreachable_hub_exits_3():
     "args, env, message",
     [
         (["--url=127.0.0.1:8081/hub/api"], {}, "is not an http(s) URL"),
+        (["--url=http://[::1/hub/api"], {}, "is not an http(s) URL"),
+        (["--url=http://127.0.0.1:99999/hub/api"], {}, "is not an http(s) URL"),
+        (["--url=https:///hub/api"], {}, "is not an http(s) URL"),
         (["--timeout=-1"], {}, "--timeout"),
         (["--timeout=ten"], {}, "--timeout"),
         (["--concurrency=0"], {}, "--concurrency"),
