@@ -234,6 +234,29 @@ def test_users_added_during_the_listing_are_found_through_next(fake_hub):
     assert len(fake_hub.stops) == 7
 
 
+def test_a_user_seen_twice_as_offsets_shift_is_acted_on_once(fake_hub):
+    for i in range(6):
+        fake_hub.add_user(f"u{i}", servers={"": idle_server()})
+    shifted = []
+
+    def shift(request):  # a user is created at the front while the listing pages
+        if request.kind == "list" and request.query.get("offset") == "2" and not shifted:
+            shifted.append(True)
+            fake_hub.add_user("new", servers={"": active_server()})
+            with fake_hub._lock:
+                fake_hub.users = {"new": fake_hub.users.pop("new"), **fake_hub.users}
+                fake_hub._generation += 1
+        return False
+
+    fake_hub.add_fault(shift, "drop")
+    result = run_cull(fake_hub, "--api-page-size=2", "--json")
+    assert result.exit_code == 0
+    assert shifted
+    stopped = [r.path for r in fake_hub.requests if r.method == "DELETE"]
+    assert sorted(stopped) == [f"/hub/api/users/u{i}/server" for i in range(6)]
+    assert len(result.json["actions"]) == 6
+
+
 def test_a_hub_without_pagination_or_state_filter(hub_factory):
     hub = hub_factory(version="1.2.2", paginate=False, scopes=None)
     hub.add_user("idle", last_activity=iso(IDLE), servers={"": idle_server()})
