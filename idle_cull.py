@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import importlib
 import json
 import logging
@@ -24,7 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -369,12 +370,17 @@ class HubClient:
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.session.cert = cert
-        # An explicit auth object keeps requests from replacing the token with ~/.netrc's.
         self.session.auth = _TokenAuth(token)
         self.session.headers["User-Agent"] = f"idle-cull/{__version__}"
-        # Passed with each request: requests would let REQUESTS_CA_BUNDLE override a session's
-        # verify=False or CA path, but still applies it when verify is simply True.
-        self.verify = verify
+        # The environment (proxies, REQUESTS_CA_BUNDLE) is read once here, not on every request
+        # (a tenth of the CPU of a large pass), and ~/.netrc can never replace the token.
+        self.session.trust_env = False
+        self.session.proxies = requests.utils.get_environ_proxies(self.base)
+        if verify is True:
+            verify = (
+                os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
+            )
+        self.session.verify = verify
 
     def close(self) -> None:
         self.session.close()
@@ -385,7 +391,6 @@ class HubClient:
                 method,
                 self.base + path,
                 timeout=self.timeout,
-                verify=self.verify,
                 allow_redirects=False,
                 **kwargs,
             )
@@ -826,11 +831,12 @@ def run_pass(
             plans.clear()  # nothing is done on a partial or blind view of the Hub
         if plans:
             progress.start("Culling", len(plans))
-        futures = [pool.submit(carry_out, client, plan, settings, gate) for plan in plans.values()]
-        plans.clear()
-        for future in as_completed(futures):
+        # Plans are handed over as they are taken, so each is freed once carried out.
+        plan_queue = (plans.pop(name) for name in list(plans))
+        act = functools.partial(carry_out, client, settings=settings, gate=gate)
+        for outcomes in _bounded_map(pool, act, plan_queue, settings.concurrency):
             progress.advance()
-            for outcome in future.result():
+            for outcome in outcomes:
                 _log_outcome(outcome)
                 report.outcomes.append(outcome)
         progress.finish()
@@ -839,6 +845,21 @@ def run_pass(
     report.incomplete = None if report.fatal else gate.why_closed()
     report.duration = time.monotonic() - started
     return report
+
+
+def _bounded_map(pool: ThreadPoolExecutor, function, items: Iterator, concurrency: int):
+    """function(item) for each item, results as they finish.
+
+    At most 2 x concurrency are queued at once: a queued task costs far more memory than a
+    plan, and a Hub with 100,000 users may have as many plans.
+    """
+    pending = set()
+    for item in items:
+        if len(pending) >= 2 * concurrency:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            yield from (future.result() for future in done)
+        pending.add(pool.submit(function, item))
+    yield from (future.result() for future in as_completed(pending))
 
 
 def _check_hub(client: HubClient, policy: Policy, dry_run: bool) -> None:
@@ -1016,7 +1037,7 @@ def _log_outcome(outcome: Outcome) -> None:
         verdict.reason,
         text,
         f": {outcome.error}" if outcome.error else "",
-        extra={"event": outcome.action, **outcome.as_dict()},
+        extra={"event": outcome.action, "outcome": outcome},
     )
 
 
@@ -1123,7 +1144,9 @@ class _Formatter(logging.Formatter):
                 "event": getattr(record, "event", "log"),
                 "message": record.getMessage(),
             }
-            for key in ("user", "server", "reason", "idle_s", "age_s", "result", "error"):
+            if outcome := getattr(record, "outcome", None):
+                entry.update(outcome.as_dict())  # built here: text logs never pay for it
+            for key in ("user", "server"):
                 if hasattr(record, key):
                     entry[key] = getattr(record, key)
             if record.exc_info:
