@@ -257,6 +257,16 @@ def test_a_user_seen_twice_as_offsets_shift_is_acted_on_once(fake_hub):
     assert len(result.json["actions"]) == 6
 
 
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_users_are_handled_concurrently_within_the_limit(hub_factory, concurrency):
+    hub = hub_factory(latency=0.05)
+    for i in range(24):
+        hub.add_user(f"u{i}", servers={"": idle_server()})
+    assert run_cull(hub, f"--concurrency={concurrency}", "--api-page-size=4").exit_code == 0
+    assert len(hub.stops) == 24
+    assert hub.peak_in_flight == concurrency
+
+
 def test_a_hub_without_pagination_or_state_filter(hub_factory):
     hub = hub_factory(version="1.2.2", paginate=False, scopes=None)
     hub.add_user("idle", last_activity=iso(IDLE), servers={"": idle_server()})
@@ -477,6 +487,13 @@ def test_precedence_command_line_then_environment_then_file(fake_hub, captured, 
     assert captured["policy"].max_age == 7
     run_cull(fake_hub, f"--config={config}", "--timeout=300", env={"IDLE_CULL_TIMEOUT": "200"})
     assert captured["policy"].timeout == 300
+
+
+def test_request_timeout_from_the_hub_environment(fake_hub, captured):
+    run_cull(fake_hub, env={"JUPYTERHUB_REQUEST_TIMEOUT": "7"})
+    assert captured["client"].timeout == 7
+    run_cull(fake_hub, "--request-timeout=3", env={"JUPYTERHUB_REQUEST_TIMEOUT": "7"})
+    assert captured["client"].timeout == 3
 
 
 def test_url_from_the_hub_environment_and_config(fake_hub, captured, tmp_path):
