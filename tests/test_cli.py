@@ -526,6 +526,11 @@ def CliRunnerNoUrl(hub, env, *args):  # noqa: N802 - a run without the --url run
         ("timeout = 60\n[section]\n", "unknown setting 'section'"),
         ("timeout = {minutes = 5}\n", "is not a plain value"),
         ("timeout = \n", "cannot read"),
+        ("[[rule]]\ntimeout = 5\n", "needs `group` or `user_options`"),
+        ('[[rule]]\ngroup = "x"\n', "needs `timeout` or `max-age`"),
+        ('[[rule]]\ngroup = "x"\ntimeout = -1\n', "whole number of seconds"),
+        ('[[rule]]\ngroup = "x"\ntimeout = 5\nprofile = "gpu"\n', "unknown key(s) profile"),
+        ('rule = "gpu"\n', "must be [[rule]] tables"),
     ],
 )
 def test_bad_config_files_are_refused(fake_hub, tmp_path, text, message):
