@@ -234,13 +234,16 @@ def test_users_added_during_the_listing_are_found_through_next(fake_hub):
     assert len(fake_hub.stops) == 7
 
 
-def test_a_user_seen_twice_as_offsets_shift_is_acted_on_once(fake_hub):
+@pytest.mark.parametrize("slow_offset", ["2", "4"])
+def test_a_user_seen_twice_as_offsets_shift_is_acted_on_once(fake_hub, slow_offset):
     for i in range(6):
         fake_hub.add_user(f"u{i}", servers={"": idle_server()})
     shifted = []
 
-    def shift(request):  # a user is created at the front while the listing pages
-        if request.kind == "list" and request.query.get("offset") == "2" and not shifted:
+    # A user is created at the front once the first page is in. The later pages are fetched
+    # concurrently in any order, so the shift comes before whichever of them is asked first.
+    def shift(request):
+        if request.kind == "list" and request.query.get("offset", "0") != "0" and not shifted:
             shifted.append(True)
             fake_hub.add_user("new", servers={"": active_server()})
             with fake_hub._lock:
@@ -249,6 +252,11 @@ def test_a_user_seen_twice_as_offsets_shift_is_acted_on_once(fake_hub):
         return False
 
     fake_hub.add_fault(shift, "drop")
+
+    def slow(request):  # pages arrive in either order
+        return request.kind == "list" and request.query.get("offset") == slow_offset
+
+    fake_hub.add_fault(slow, "hang", seconds=0.3, then="answer")
     result = run_cull(fake_hub, "--api-page-size=2", "--json")
     assert result.exit_code == 0
     assert shifted
