@@ -698,17 +698,33 @@ def list_user_pages(
     offsets = range(limit, total, limit)
     seen = {0, *offsets}
     last_offset, last_pagination = 0, pagination
-    futures = {pool.submit(client.list_users, state, off, limit): off for off in offsets}
+
+    def fetch(offset: int) -> tuple[list, dict | None] | None:
+        if gate.why_closed():
+            return None  # out of time or told to stop: said once, below
+        return client.list_users(state, offset, limit)
+
+    futures = {pool.submit(fetch, off): off for off in offsets}
+    not_fetched = 0
     for future in as_completed(futures):
         offset = futures.pop(future)
         try:
-            items, page_pagination = future.result()
+            page = future.result()
         except HubError as exc:
             errors.append(str(exc))
             continue
+        if page is None:
+            not_fetched += 1
+            continue
+        items, page_pagination = page
         if offset > last_offset:
             last_offset, last_pagination = offset, page_pagination or {}
         yield items, total
+    if not_fetched:
+        errors.append(
+            f"listing users (state={state}): {not_fetched} page(s) not fetched: {gate.why_closed()}"
+        )
+        return
     # Users added while we listed show up as a `next` after the last page we expected.
     pages = len(seen)
     try:
@@ -1217,6 +1233,16 @@ class _Command(click.Command):
         except click.ClickException as exc:
             click.echo(f"idle-cull: error: {exc.format_message()}", err=True)
             code = EXIT_USAGE
+        except Exception as exc:  # a bug: still one line in the cron mail, the traceback on demand
+            debug = log.isEnabledFor(logging.DEBUG)
+            log.critical(
+                "internal error (please report it): %s: %s%s",
+                type(exc).__name__,
+                exc,
+                "" if debug else "; --log-level=debug shows where",
+                exc_info=debug,
+            )
+            code = EXIT_FAILED
         sys.exit(code or 0)
 
 

@@ -59,11 +59,17 @@ def _parse_json(args: list[str], stdout: str):
     return json.loads(stdout)
 
 
-def run_cull(hub: FakeHub, *args, env: dict | None = None, input: str | None = None) -> Result:
+def run_cull(
+    hub: FakeHub,
+    *args,
+    env: dict | None = None,
+    input: str | None = None,
+    internal_error: bool = False,
+) -> Result:
     """Run `idle_cull.main` in-process; the result also has `.json` (stdout parsed, with --json).
 
-    Exceptions propagate (catch_exceptions=False) so a traceback fails the test loudly
-    instead of looking like exit code 1.
+    The command turns a bug into an "internal error" line and exit 1; unless a test asks for
+    one (internal_error=True), that fails the test loudly instead of looking like exit code 1.
     """
     import idle_cull  # lazily: the module under test may not import yet at collection time
 
@@ -74,6 +80,8 @@ def run_cull(hub: FakeHub, *args, env: dict | None = None, input: str | None = N
     result = CliRunner().invoke(
         idle_cull.main, args_list, env=run_env, input=input, catch_exceptions=False
     )
+    if not internal_error:
+        assert "internal error" not in result.stderr, result.stderr
     result.json = _parse_json(args_list, result.stdout)
     return result
 

@@ -641,3 +641,40 @@ def test_max_runtime_starts_no_new_action_and_exits_1(hub_factory):
     assert skipped and done and len(skipped) + len(done) == 12
     assert len(hub.stops) == len(done)
     assert "--max-runtime reached" in result.json["errors"]
+
+
+def test_max_runtime_also_ends_the_listing(hub_factory):
+    hub = hub_factory(latency=0.3)
+    for i in range(20):
+        hub.add_user(f"u{i:02}", servers={"": idle_server()})
+    result = run_cull(hub, "--max-runtime=1", "--concurrency=1", "--api-page-size=2", "--json")
+    assert result.exit_code == 1
+    listed = hub.counts["list"]
+    assert listed < 10  # of 10 pages: only those asked for before the deadline
+    assert f"{10 - listed} page(s) not fetched: --max-runtime reached" in " ".join(
+        result.json["errors"]
+    )
+    assert hub.stops == []
+
+
+def test_a_bug_is_one_line_and_exit_1_with_the_traceback_on_demand(fake_hub, monkeypatch):
+    import idle_cull
+
+    fake_hub.add_user("u", servers={"": idle_server()})
+
+    def broken(user, policy, now):
+        raise RuntimeError(f"cannot plan (token {fake_hub.token})")
+
+    monkeypatch.setattr(idle_cull, "plan_user", broken)
+    result = run_cull(fake_hub, internal_error=True)
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1].endswith(
+        "internal error (please report it): RuntimeError: cannot plan (token [token]); "
+        "--log-level=debug shows where"
+    )
+    assert "Traceback" not in result.stderr
+    debug = run_cull(fake_hub, "--log-level=debug", internal_error=True)
+    assert debug.exit_code == 1
+    assert "Traceback" in debug.stderr and "in broken" in debug.stderr
+    assert fake_hub.token not in result.stderr + debug.stderr
+    assert fake_hub.stops == []
