@@ -106,5 +106,6 @@ def run_cull_subprocess(
         text=True,
         timeout=timeout,
     )
+    assert "internal error" not in proc.stderr, proc.stderr
     proc.json = _parse_json(args_list, proc.stdout)
     return proc

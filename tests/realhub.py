@@ -552,6 +552,7 @@ class RealHub:
             text=True,
             timeout=120,
         )
+        assert "internal error" not in done.stderr, done.stderr  # a bug must fail the test loudly
         return CullResult(done.returncode, done.stdout, done.stderr)
 
 
