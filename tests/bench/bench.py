@@ -9,6 +9,8 @@ process of this script and its resources come from os.wait4().
 Printed: one row per run (wall time, CPU time, peak RSS, requests, peak requests in flight) and
 ratios ours/upstream and ours/bound, where bound = requests x latency / concurrency is the time
 the Hub alone needs with `concurrency` requests always in flight. Then PASS/FAIL per target.
+A third row, "floor" (floor.py), is a bare requests client doing the same pass with nothing
+else: how near the bound this machine, the fake Hub and `requests` let any such culler come.
 
 Not collected by pytest (no test_ prefix); timings never belong in the test suite.
 """
@@ -103,14 +105,17 @@ def ours_cmd(args, url: str) -> list[str]:
     return cmd
 
 
-def upstream_cmd(args, url: str) -> list[str]:
-    cmd = [args.upstream_python, str(HERE / "run_upstream.py"), "--url", url]
-    cmd += ["--concurrency", str(args.concurrency), "--timeout", str(args.timeout)]
+def other_cmd(args, culler: str, url: str) -> list[str]:
+    if culler == "upstream":
+        cmd = [args.upstream_python, str(HERE / "run_upstream.py")]
+    else:
+        cmd = [args.python, str(HERE / "floor.py")]
+    cmd += ["--url", url, "--concurrency", str(args.concurrency), "--timeout", str(args.timeout)]
     return cmd + ["--api-page-size", str(args.page_size)]
 
 
 def pass_duration(culler: str, stdout: str, log: str) -> float | None:
-    if culler == "upstream":
+    if culler != "ours":
         return json.loads(stdout.strip().splitlines()[-1])["duration_s"] if stdout else None
     found = re.search(r"summary: .*duration=([0-9.]+)s", log)
     return float(found[1]) if found else None
@@ -129,7 +134,7 @@ def run_one(args, hub: HubProcess, culler: str, users: int, latency_ms: float) -
     # Outer settings must not leak in (JUPYTERHUB_SERVICE_NAME would make ours loop).
     env = {k: v for k, v in os.environ.items() if not k.startswith(("IDLE_CULL_", "JUPYTERHUB_"))}
     env["JUPYTERHUB_API_TOKEN"] = TOKEN
-    cmd = ours_cmd(args, info["url"]) if culler == "ours" else upstream_cmd(args, info["url"])
+    cmd = ours_cmd(args, info["url"]) if culler == "ours" else other_cmd(args, culler, info["url"])
     log_path = Path(args.log_dir) / f"{culler}-{users}-{latency_ms:g}ms.log"
     wall, cpu, rss, code, stdout = measure(cmd, env, log_path)
     stats = hub.call(cmd="stop")
@@ -235,6 +240,8 @@ def targets(runs: list[Run], concurrency: int) -> list[tuple[bool | None, str]]:
         if r.latency_ms == 10:
             bound = r.bound_s(concurrency)
             alone = f", the pass alone {r.pass_s / bound:.2f}x" if r.pass_s else ""
+            if floor := by_key.get((r.users, r.latency_ms, "floor")):
+                alone += f"; the floor {floor.wall_s / floor.bound_s(concurrency):.2f}x"
             checks.append(
                 (
                     r.wall_s <= 1.25 * bound,
@@ -292,7 +299,7 @@ def main() -> int:
     parser.add_argument(
         "--repeat", type=int, default=1, help="runs per culler and size; the median is shown"
     )
-    parser.add_argument("--cullers", default="ours,upstream", help="run only some of them")
+    parser.add_argument("--cullers", default="ours,upstream,floor", help="run only some of them")
     parser.add_argument("--ours", default="idle_cull.py", help="e.g. a changed copy to compare")
     parser.add_argument(
         "--ours-prefix",
@@ -323,8 +330,8 @@ def main() -> int:
     try:
         configs = [(u, lat) for u in sizes for lat in latencies for _ in range(args.repeat)]
         for n, (users, latency) in enumerate(configs):
-            # Alternate who goes first, so neither always meets a warm (or tired) machine.
-            order = ("ours", "upstream") if n % 2 == 0 else ("upstream", "ours")
+            # Rotate who goes first, so no one always meets a warm (or tired) machine.
+            order = ("ours", "upstream", "floor")[n % 3 :] + ("ours", "upstream", "floor")[: n % 3]
             for culler in (c for c in order if c in args.cullers.split(",")):
                 run = run_one(args, hub, culler, users, latency)
                 runs.append(run)
@@ -339,7 +346,7 @@ def main() -> int:
     finally:
         hub.close()
     runs = medians(runs)
-    runs.sort(key=lambda r: (r.users, r.latency_ms, r.culler != "ours"))
+    runs.sort(key=lambda r: (r.users, r.latency_ms, ("ours", "upstream", "floor").index(r.culler)))
 
     print()
     if args.repeat > 1:
