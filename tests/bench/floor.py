@@ -8,7 +8,6 @@ them can beat. Started by bench.py as a child process like the cullers; the toke
 JUPYTERHUB_API_TOKEN; prints one JSON line with the pass's own duration on stdout.
 """
 
-import argparse
 import json
 import os
 import time
@@ -16,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from urllib.parse import quote
 
+import passargs  # beside this script
 import requests
 from requests.adapters import HTTPAdapter
 
@@ -23,12 +23,7 @@ PAGES = "application/jupyterhub-pagination+json"
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", required=True)
-    parser.add_argument("--timeout", type=int, default=600)
-    parser.add_argument("--concurrency", type=int, default=10)
-    parser.add_argument("--api-page-size", type=int, default=0)
-    args = parser.parse_args()
+    args = passargs.parse(__doc__.splitlines()[0])
 
     start = time.perf_counter()
     session = requests.Session()

@@ -7,7 +7,6 @@ peak memory can be read from that child alone. The token comes from JUPYTERHUB_A
 for the upstream service. Prints one JSON line with the pass's own duration on stdout.
 """
 
-import argparse
 import asyncio
 import json
 import logging
@@ -15,16 +14,12 @@ import os
 import sys
 import time
 
+import passargs  # beside this script
 from jupyterhub_idle_culler import cull_idle
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", required=True)
-    parser.add_argument("--timeout", type=int, default=600)
-    parser.add_argument("--concurrency", type=int, default=10)
-    parser.add_argument("--api-page-size", type=int, default=0)
-    args = parser.parse_args()
+    args = passargs.parse(__doc__.splitlines()[0])
 
     # Upstream logs at INFO by default; keep that so both cullers do the same logging work.
     logger = logging.getLogger("upstream-idle-culler")
