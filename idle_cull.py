@@ -1543,7 +1543,7 @@ def _check_outputs(metrics_file, pushgateway, warn_before, notify_command, state
 @click.option("--api-page-size", type=_duration(), default=0, show_default=True,
               help="Users per page when listing (0: the Hub's default).")
 @click.option("--request-timeout", type=click.FloatRange(0, min_open=True),
-              default=lambda: float(os.environ.get("JUPYTERHUB_REQUEST_TIMEOUT") or 60),
+              default=lambda: os.environ.get("JUPYTERHUB_REQUEST_TIMEOUT") or 60,
               show_default="$JUPYTERHUB_REQUEST_TIMEOUT, else 60",
               help="Seconds to wait for each answer from the Hub.")
 @click.option("--retries", type=click.IntRange(0, 20), default=3, show_default=True,

@@ -370,6 +370,8 @@ def test_unreachable_hub_exits_3():
         ([], {"JUPYTERHUB_API_TOKEN": None}, "no API token"),
         (["--api-token-file=/nonexistent"], {}, "cannot read the API token file"),
         (["--ssl-enabled", "--internal-certs-location=/nonexistent"], {}, "not found"),
+        ([], {"JUPYTERHUB_REQUEST_TIMEOUT": "abc"}, "--request-timeout"),
+        ([], {"IDLE_CULL_CONCURRENCY": "many"}, "--concurrency"),
     ],
 )
 def test_usage_errors_are_one_line_and_exit_2(fake_hub, args, env, message):
