@@ -793,7 +793,7 @@ def _wait_for_stop(
 ) -> str:
     """After a 202: look until the server is gone ('done') or the wait is over ('stopping')."""
     deadline = time.monotonic() + settings.wait_for_stop
-    while (left := deadline - time.monotonic()) > 0 and not gate.stop.is_set():
+    while (left := deadline - time.monotonic()) > 0 and not gate.why_closed():
         time.sleep(min(STOP_POLL_INTERVAL, left))
         try:
             if not client.server_active(user, server):
@@ -823,6 +823,9 @@ def run_pass(
             now = client.now()
             _warn_on_skew(client)
             for index, state in enumerate(states):
+                if index and (reason := gate.why_closed()):
+                    report.errors.append(f"listing users (state={state}): not started: {reason}")
+                    break
                 try:
                     pages = list_user_pages(client, state, settings, pool, gate, report.errors)
                     for number, (page, total) in enumerate(pages):
@@ -851,7 +854,7 @@ def run_pass(
         _carry_out_all(pool, plans, act, settings.concurrency, progress, report)
         progress.finish()
     if policy.warn_before and not report.fatal:
-        _send_warnings(warnings, now, client.base, settings, report)
+        _send_warnings(warnings, now, client.base, settings, gate, report)
     report.incomplete = None if report.fatal else gate.why_closed()
     report.duration = time.monotonic() - started
     return report
@@ -953,12 +956,17 @@ def _send_warnings(
     now: datetime,
     hub_url: str,
     settings: PassSettings,
+    gate: _Gate,
     report: Report,
 ) -> None:
     """Run --notify-command once per server per stay in the warning window."""
     verdicts = {(user, server): verdict for user, server, verdict in warnings}
     new, remembered = warnings_to_send(list(verdicts), _read_warned(settings.state_file))
-    for user, server in new:
+    for sent, (user, server) in enumerate(new):
+        if reason := gate.why_closed():
+            # Not remembered as sent, so the next pass sends them.
+            report.errors.append(f"{len(new) - sent} warning(s) not sent: {reason}")
+            break
         verdict = verdicts[(user, server)]
         cull_at = now + timedelta(seconds=max(verdict.cull_in, 0))
         if settings.dry_run:

@@ -659,6 +659,19 @@ def test_max_runtime_also_ends_the_listing(hub_factory):
     assert hub.stops == []
 
 
+def test_max_runtime_reached_while_listing_ready_users_skips_the_inactive_listing(hub_factory):
+    hub = hub_factory(latency=0.5)
+    hub.add_user("u", servers={"": idle_server()})
+    result = run_cull(hub, "--cull-users", "--max-runtime=1", "--json")
+    assert result.exit_code == 1
+    assert [r.query.get("state") for r in hub.requests if r.kind == "list"] == ["ready"]
+    assert (
+        "listing users (state=inactive): not started: --max-runtime reached"
+        in (result.json["errors"])
+    )
+    assert hub.stops == []
+
+
 def test_a_bug_is_one_line_and_exit_1_with_the_traceback_on_demand(fake_hub, monkeypatch):
     import idle_cull
 

@@ -175,6 +175,16 @@ def test_wait_for_stop_gives_up_and_counts_the_server_as_stopping(fake_hub):
     assert not fake_hub.deleted_users
 
 
+def test_max_runtime_cuts_the_wait_for_stop_short(fake_hub):
+    fake_hub.add_user("stuck", last_activity=iso(IDLE), servers={"": idle_server(stop_after=60)})
+    result = run_cull(fake_hub, "--cull-users", "--wait-for-stop=30", "--max-runtime=1", "--json")
+    assert result.exit_code == 1
+    assert result.json["summary"]["servers_stopping"] == 1
+    assert result.json["duration_s"] < 15  # not the 30 s of --wait-for-stop
+    assert "--max-runtime reached" in result.json["errors"]
+    assert not fake_hub.deleted_users
+
+
 # ---- warnings before culling -------------------------------------------------------------
 
 
@@ -236,6 +246,19 @@ def test_a_failing_notify_command_never_blocks_culling(fake_hub, tmp_path):
     assert result.exit_code == 1
     assert fake_hub.stops == [("gone", "")]
     assert "could not warn user soon" in result.stderr
+
+
+def test_warnings_due_after_max_runtime_are_sent_by_the_next_pass(fake_hub, tmp_path, notifier):
+    command, received = notifier
+    fake_hub.add_user("stuck", servers={"": idle_server(stop_after=60)})  # holds the pass up
+    fake_hub.add_user("soon", servers={"": server(last_activity=iso(500))})
+    args = ("--warn-before=200", f"--notify-command={command}", f"--state-file={tmp_path / 's'}")
+    first = run_cull(fake_hub, *args, "--wait-for-stop=30", "--max-runtime=1", "--json")
+    assert first.exit_code == 1
+    assert received() == []
+    assert "1 warning(s) not sent: --max-runtime reached" in first.json["errors"]
+    assert run_cull(fake_hub, *args).exit_code == 0
+    assert [m["user"] for m in received()] == ["soon"]
 
 
 def test_dry_run_sends_no_warning(fake_hub, tmp_path, notifier):
