@@ -576,6 +576,7 @@ class Report:
     fatal: str | None = None  # the Hub could not be used at all
     incomplete: str | None = None  # stopped early by --max-runtime or a signal
     duration: float = 0.0
+    kept: list[dict] | None = None  # only when asked for: one entry per server or user kept
 
     def count(self, actions: tuple[str, ...], results: tuple[str, ...]) -> int:
         return sum(1 for o in self.outcomes if o.action in actions and o.result in results)
@@ -613,6 +614,7 @@ class Report:
             "duration_s": round(self.duration, 3),
             "summary": self.summary(),
             "actions": [o.as_dict() for o in self.outcomes],
+            "kept": self.kept or [],
             "errors": errors + self.errors,
         }
 
@@ -626,6 +628,7 @@ class PassSettings:
     wait_for_stop: float = 0
     notify_command: tuple[str, ...] = ()
     state_file: str | None = None
+    report_kept: bool = False  # for --json: what was left alone, and why
 
 
 class Progress:
@@ -812,7 +815,7 @@ def run_pass(
 ) -> Report:
     started = time.monotonic()
     progress = progress or Progress()
-    report = Report(dry_run=settings.dry_run)
+    report = Report(dry_run=settings.dry_run, kept=[] if settings.report_kept else None)
     gate = _Gate(stop, settings.max_runtime)
     plans: dict[str, UserPlan] = {}
     warnings: list[tuple[str, str, Verdict]] = []
@@ -939,6 +942,16 @@ def _plan_page(
                 log.error("%s", message)
             else:
                 log.debug("keep user %s%s: %s", plan.user, _server_suffix(server), verdict.reason)
+            if report.kept is not None:
+                report.kept.append(
+                    {
+                        "user": plan.user,
+                        "server": server,  # None: the user, not deleted
+                        "reason": verdict.error or verdict.reason,
+                        "idle_s": _round(verdict.idle),
+                        "age_s": _round(verdict.age),
+                    }
+                )
         warnings.extend((plan.user, server, verdict) for server, verdict in plan.warn)
         # The same user can show up twice when offsets shift between pages; act once.
         if plan.actionable and plan.user not in plans:
@@ -998,7 +1011,14 @@ def _send_warnings(
                 user,
                 server or "(default)",
                 verdict.cull_in,
-                extra={"event": "warn", "user": user, "server": server},
+                extra={
+                    "event": "warn",
+                    "user": user,
+                    "server": server,
+                    "reason": f"culled in {verdict.cull_in:.0f}s",
+                    "idle_s": _round(verdict.idle),
+                    "age_s": _round(verdict.age),
+                },
             )
     if not settings.dry_run:
         _write_warned(settings.state_file, remembered)
@@ -1166,6 +1186,9 @@ def redact(text: str, secret: str) -> str:
     return text.replace(secret, "[token]").replace(json.dumps(secret)[1:-1], "[token]")
 
 
+JSON_LOG_FIELDS = ("user", "server", "reason", "idle_s", "age_s")
+
+
 class _Formatter(logging.Formatter):
     """Text or JSON lines, with the token blotted out of anything that might echo it."""
 
@@ -1175,15 +1198,17 @@ class _Formatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         if self.as_json:
+            # Every line has the same keys (null when they do not apply), for log shippers.
             entry = {
                 "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
                 "level": record.levelname.lower(),
                 "event": getattr(record, "event", "log"),
                 "message": record.getMessage(),
+                **dict.fromkeys(JSON_LOG_FIELDS),
             }
             if outcome := getattr(record, "outcome", None):
                 entry.update(outcome.as_dict())  # built here: text logs never pay for it
-            for key in ("user", "server"):
+            for key in (*JSON_LOG_FIELDS, "summary"):
                 if hasattr(record, key):
                     entry[key] = getattr(record, key)
             if record.exc_info:
@@ -1612,7 +1637,7 @@ def main(ctx, url, api_token_file, timeout, max_age, cull_every, cull_users, use
     )
     settings = PassSettings(
         concurrency, api_page_size, dry_run, max_runtime, wait_for_stop,
-        tuple(shlex.split(notify_command or "")), state_file,
+        tuple(shlex.split(notify_command or "")), state_file, as_json,
     )
     client = HubClient(url, token, concurrency=concurrency, request_timeout=request_timeout,
                        retries=retries, verify=verify, cert=cert, hub_clock=clock == "hub")
@@ -1627,7 +1652,12 @@ def main(ctx, url, api_token_file, timeout, max_age, cull_every, cull_users, use
                 log.warning("TLS verification is off (--insecure)")
             report = run_pass(client, policy, settings, stop,
                               _TerminalProgress() if on_terminal else None)
-            log.log(_summary_level(report), "%s", summary_line(report))
+            log.log(
+                _summary_level(report),
+                "%s",
+                summary_line(report),
+                extra={"event": "summary", "summary": report.summary()},
+            )
             if on_terminal:
                 click.echo(result_table(report), err=True)
             if as_json:

@@ -297,6 +297,19 @@ def test_dry_run_sends_no_delete_and_reports_the_plan(fake_hub):
     assert "summary (dry run)" in result.stderr and "would do (dry run)" in result.stderr
 
 
+def test_the_json_report_says_what_was_kept_and_why(fake_hub):
+    fake_hub.add_user("idle", servers={"": idle_server()})
+    fake_hub.add_user("busy", servers={"": active_server()})
+    fake_hub.add_user("vip", servers={"": idle_server()})
+    result = run_cull(fake_hub, "--exclude-user=vip", "--json")
+    assert result.exit_code == 0
+    kept = {(k["user"], k["server"]): k for k in result.json["kept"]}
+    assert set(kept) == {("busy", ""), ("vip", None)}  # None: the whole user
+    assert "timeout" in kept[("busy", "")]["reason"] and 25 < kept[("busy", "")]["idle_s"] < 40
+    assert "excluded" in kept[("vip", None)]["reason"]
+    assert [(a["user"], a["result"]) for a in result.json["actions"]] == [("idle", "done")]
+
+
 def test_names_with_odd_characters_reach_the_right_url(fake_hub):
     names = ["a/b", "x?y#z", "per%cent", "at@home+1 space", "ünïcødé"]
     for name in names:

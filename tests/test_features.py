@@ -288,15 +288,31 @@ def test_warn_before_needs_a_command_and_a_state_file(fake_hub, tmp_path):
 # ---- observability -----------------------------------------------------------------------
 
 
-def test_json_log_lines_have_stable_keys(fake_hub):
+def test_json_log_lines_have_stable_keys(fake_hub, tmp_path):
     fake_hub.add_user("u", servers={"": idle_server()})
-    result = run_cull(fake_hub, "--log-format=json")
+    fake_hub.add_user("soon", servers={"": server(last_activity=iso(500))})
+    result = run_cull(
+        fake_hub,
+        "--log-format=json",
+        "--insecure",  # one more kind of line: a plain warning
+        "--warn-before=200",
+        "--notify-command=true",
+        f"--state-file={tmp_path / 's'}",
+    )
     assert result.exit_code == 0
     lines = [json.loads(line) for line in result.stderr.splitlines()]
-    stop = next(line for line in lines if line["event"] == "stop")
-    assert {"time", "level", "event", "user", "server", "reason", "idle_s", "age_s"} <= set(stop)
+    keys = {"time", "level", "event", "message", "user", "server", "reason", "idle_s", "age_s"}
+    assert all(keys <= set(line) for line in lines)
+    events = {line["event"]: line for line in lines}
+    assert {"log", "stop", "warn", "summary"} <= set(events)
+    stop, warn = events["stop"], events["warn"]
     assert stop["user"] == "u" and stop["server"] == "" and stop["idle_s"] > 3500
-    assert lines[-1]["message"].startswith("summary:")
+    assert warn["user"] == "soon" and 495 < warn["idle_s"] < 510
+    assert warn["reason"].startswith("culled in ")
+    assert events["log"]["user"] is None and events["log"]["idle_s"] is None
+    summary = lines[-1]
+    assert summary["event"] == "summary" and summary["message"].startswith("summary:")
+    assert summary["summary"]["servers_stopped"] == 1 and summary["summary"]["warnings_sent"] == 1
 
 
 def test_metrics_file_keeps_the_last_success_across_a_failed_pass(fake_hub, tmp_path):
