@@ -13,6 +13,7 @@ Services and their roles (tokens are random per hub, passed to the Hub in its en
   idle-culler        exactly the scopes the README asks for: CULLER_SCOPES
   idle-culler-users  CULLER_SCOPES + admin:users (for --cull-users, as the README says)
   idle-culler-delete-users  CULLER_SCOPES + delete:users, the narrower choice for --cull-users
+  idle-culler-groups  CULLER_SCOPES + read:users:groups (for --exclude-group, as the README says)
   culler-no-<scope>  CULLER_SCOPES minus one scope (see lacking()), for the missing-scope error
 """
 
@@ -248,7 +249,13 @@ class RealHub:
         self.leftovers = []  # PIDs stop() had to kill because the Hub did not stop them
         self.tokens = {
             name: secrets.token_hex(16)
-            for name in ["harness", "idle-culler", "idle-culler-users", "idle-culler-delete-users"]
+            for name in [
+                "harness",
+                "idle-culler",
+                "idle-culler-users",
+                "idle-culler-delete-users",
+                "idle-culler-groups",
+            ]
             + [lacking(scope) for scope in CULLER_SCOPES]
         }
         self.session = requests.Session()
@@ -270,6 +277,11 @@ class RealHub:
                 "name": "idle-culler-delete-users",
                 "scopes": [*CULLER_SCOPES, "delete:users"],
                 "services": ["idle-culler-delete-users"],
+            },
+            {
+                "name": "idle-culler-groups",
+                "scopes": [*CULLER_SCOPES, "read:users:groups"],
+                "services": ["idle-culler-groups"],
             },
         ]
         for scope in CULLER_SCOPES:
@@ -473,6 +485,10 @@ class RealHub:
             self.api("POST", "/users", json={"usernames": list(names), "admin": admin}), 201
         )
 
+    def create_group(self, name, *users):
+        """A new group with these (existing) users as its members."""
+        self._check(self.api("POST", f"/groups/{name}", json={"users": list(users)}), 201)
+
     def _server_path(self, user, server=""):
         return f"/users/{user}/servers/{server}" if server else f"/users/{user}/server"
 
@@ -508,7 +524,8 @@ class RealHub:
         return model["servers"][server]["state"]
 
     def delete_all_users(self):
-        """Back to an empty Hub: stop and remove every server, then delete every user."""
+        """Back to an empty Hub: stop and remove every server, then delete every user and
+        every group."""
         for name, user in self.users().items():
             for server in user["servers"]:
                 if server:
@@ -523,6 +540,8 @@ class RealHub:
         self.wait_settled()
         for name in self.users():
             self._check(self.api("DELETE", f"/users/{name}"), 204, 404)
+        for group in self._check(self.api("GET", "/groups"), 200).json():
+            self._check(self.api("DELETE", f"/groups/{group['name']}"), 204, 404)
 
     # -- running the culler --------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ Hub and asserts the complete set of users and servers left afterwards (tests/rea
 """
 
 import math
+import os
 import re
 import signal
 import subprocess
@@ -18,10 +19,13 @@ from realhub import (
     BIN,
     CULLER,
     CULLER_SCOPES,
+    REPO,
+    TESTS_DIR,
     RealHub,
     alive,
     cmdline,
     descendants,
+    kill_and_wait,
     lacking,
     wait_until,
 )
@@ -171,6 +175,57 @@ def test_user_with_slow_stop_deleted_in_a_later_pass(hub):
     assert ("delete_user", "slow", "", "done") in actions(second)
 
 
+def test_wait_for_stop_deletes_the_user_with_a_slow_stop_in_the_same_pass(hub):
+    hub.create_users("slow", "quick", "busy")
+    hub.start_server("slow", stop_delay=2)  # longer than the Hub's 1 s slow_stop_timeout: 202
+    hub.start_server("quick")
+    hub.start_server("busy")
+    wait_idle()
+    hub.touch("busy", "")
+    log_start = len(hub.log_text())
+
+    result = cull(hub, "--cull-users", "--wait-for-stop=30", token="idle-culler-delete-users")
+
+    assert hub.snapshot() == {"busy": {"": "ready"}}  # slow is gone too, not pending or kept
+    assert actions(result) == {
+        ("stop", "slow", "", "done"),
+        ("delete_user", "slow", "", "done"),
+        ("stop", "quick", "", "done"),
+        ("delete_user", "quick", "", "done"),
+    }
+    assert result.json["summary"]["servers_stopping"] == 0
+    # The Hub did answer the stop with 202, and the culler then looked until it was over.
+    log = hub.log_text()[log_start:]
+    assert re.search(r"\b202 DELETE /hub/api/users/slow/server \(idle-culler-delete-users@", log)
+    assert re.search(r"\b200 GET /hub/api/users/slow \(idle-culler-delete-users@", log)
+
+
+# -- exclusions -------------------------------------------------------------------------------
+
+
+def test_exclude_group_needs_the_groups_scope_and_spares_the_members(hub):
+    hub.create_users("member", "outsider")
+    hub.create_group("staff", "member")
+    hub.start_server("member")
+    hub.start_server("outsider")
+    wait_idle()
+
+    # The README's culler token cannot see groups: refused before anything is changed.
+    refused = cull(hub, "--exclude-group=staff", expect=3)
+
+    assert "read:users:groups" in refused.stderr
+    assert hub.snapshot() == {"member": {"": "ready"}, "outsider": {"": "ready"}}
+
+    # With read:users:groups the Hub shows each user's groups, and members are left alone.
+    for token, shown in [("idle-culler", None), ("idle-culler-groups", ["staff"])]:
+        model = hub.api("GET", "/users/member", token=hub.tokens[token]).json()
+        assert model.get("groups") == shown, token
+    result = cull(hub, "--exclude-group=staff", token="idle-culler-groups")
+
+    assert hub.snapshot() == {"member": {"": "ready"}, "outsider": {}}
+    assert actions(result) == {("stop", "outsider", "", "done")}
+
+
 # -- listing ----------------------------------------------------------------------------------
 
 
@@ -236,7 +291,12 @@ def test_culler_token_can_do_no_more_than_culling(hub):
     hub.create_users("u")
     hub.start_server("u")
     now = hub.users()["u"]["last_activity"]
-    for service in ("idle-culler", "idle-culler-delete-users", "idle-culler-users"):
+    for service in (
+        "idle-culler",
+        "idle-culler-delete-users",
+        "idle-culler-users",
+        "idle-culler-groups",
+    ):
         token = hub.tokens[service]
         # What it is for: list users with their servers and activity.
         assert hub.api("GET", "/users", token=token).status_code == 200
@@ -246,7 +306,7 @@ def test_culler_token_can_do_no_more_than_culling(hub):
         assert "state" not in model["servers"][""]
         assert hub.api("GET", "/users/u/tokens", token=token).status_code == 403
         assert hub.api("POST", "/groups/g", token=token).status_code == 403
-    for service in ("idle-culler", "idle-culler-delete-users"):
+    for service in ("idle-culler", "idle-culler-delete-users", "idle-culler-groups"):
         # Nor create users or fake activity (admin:users, in idle-culler-users, would allow it).
         token = hub.tokens[service]
         assert hub.api("POST", "/users/intruder", token=token).status_code == 403
@@ -398,6 +458,61 @@ def test_real_singleuser_servers(tmp_path):
         assert alive(pids[("active", "")])
     assert not alive(pids[("active", "")])  # the Hub stopped it on the way out
     assert hub.leftovers == []
+
+
+def test_make_demo(tmp_path):
+    """`make demo` as the Makefile runs it: culls, and leaves no Hub or proxy running."""
+    node_bin = REPO / ".node" / "node_modules" / ".bin"
+    env = {**os.environ, "PATH": f"{node_bin}:{os.environ.get('PATH', '')}"}
+    output = tmp_path / "demo.out"
+    started = {}  # pid -> command line, of everything the demo started, seen while it ran
+
+    def command(pid):
+        return " ".join(cmdline(pid)).strip()  # empty while a process exits
+
+    def still_running():  # same PID and same command line: not a reused PID
+        return [pid for pid, c in started.items() if alive(pid) and command(pid) == c]
+
+    with open(output, "wb") as out:
+        demo = subprocess.Popen(
+            [sys.executable, str(TESTS_DIR / "demo.py")],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while demo.poll() is None and time.monotonic() < deadline:
+            started.update((pid, c) for pid in descendants(demo.pid) if (c := command(pid)))
+            time.sleep(0.1)
+        assert demo.poll() is not None, "the demo did not end within 120 s"
+        left = [started[pid] for pid in still_running()]  # before any cleanup of ours
+    finally:
+        if demo.poll() is None:
+            demo.terminate()  # the demo stops its Hub on SIGTERM
+            demo.wait(30)
+        kill_and_wait(still_running())  # only what the demo left behind
+    text = output.read_text(errors="replace")
+
+    assert demo.returncode == 0, text
+    assert any(f"{BIN / 'jupyterhub'} -f" in c for c in started.values()), started
+    assert any("configurable-http-proxy" in c for c in started.values()), started
+    assert left == [], f"still running after the demo: {left}\n{text}"
+    assert "Servers unchanged after the dry run: yes" in text
+    after = text.split("5. Before and after:")[1]
+    for user, server, now in [
+        ("alice", r"\(default\)", "stopped"),
+        ("bob", r"\(default\)", "still running"),
+        ("carol", "gpu", r"stopped \(kept\)"),
+        ("dave", r"\(default\)", "still running"),
+        ("dave", "experiment", r"stopped \(kept\)"),
+    ]:
+        assert re.search(rf"^  {user} +{server} +running, idle \d+s +{now}  ", after, re.M), text
+    assert re.search(r"\b4 users looked at, 3 servers stopped, 0 failures\b", text), text
+    assert "had to kill" not in text
+    assert "Done: nothing left running." in text
 
 
 if __name__ == "__main__":
