@@ -305,10 +305,23 @@ def missing_scopes(identity: dict, needed: tuple[str, ...]) -> list[str]:
     return [scope for scope in needed if scope not in held]
 
 
+def hub_version(version: object) -> tuple[int, int] | None:
+    """(major, minor) of a JupyterHub version string; None when it cannot be read."""
+    match = re.match(r"(\d+)\.(\d+)", version) if isinstance(version, str) else None
+    return None if match is None else (int(match[1]), int(match[2]))
+
+
 def supports_state_filter(version: object) -> bool:
     """JupyterHub 1.3 added ?state=ready|inactive to the user list."""
-    match = re.match(r"(\d+)\.(\d+)", version) if isinstance(version, str) else None
-    return match is None or (int(match[1]), int(match[2])) >= (1, 3)
+    parsed = hub_version(version)
+    return parsed is None or parsed >= (1, 3)
+
+
+def has_scopes(version: object) -> bool:
+    """JupyterHub 2.0 brought scopes. An unreadable version is checked as if it had them:
+    a missing scope must never go unnoticed (and a Hub without scopes passes the check)."""
+    parsed = hub_version(version)
+    return parsed is None or parsed >= (2, 0)
 
 
 # ---------------------------------------------------------------------------
@@ -821,8 +834,9 @@ def run_pass(
     warnings: list[tuple[str, str, Verdict]] = []
     with ThreadPoolExecutor(settings.concurrency, thread_name_prefix="idle-cull") as pool:
         try:
-            _check_hub(client, policy, settings.dry_run)
-            states = _states(client.info().get("version"), policy)
+            version = client.info().get("version")
+            _check_hub(client, policy, settings.dry_run, version)
+            states = _states(version, policy)
             now = client.now()
             _warn_on_skew(client)
             for index, state in enumerate(states):
@@ -897,7 +911,17 @@ def _carry_out_all(
         future.result()
 
 
-def _check_hub(client: HubClient, policy: Policy, dry_run: bool) -> None:
+def _check_hub(client: HubClient, policy: Policy, dry_run: bool, version: object) -> None:
+    if not has_scopes(version):
+        # Before 2.0 a service token cannot even read its own model (GET /user fails).
+        log.info("JupyterHub %s has no scopes: the token's permissions are not checked", version)
+        return
+    if hub_version(version) is None:
+        log.warning(
+            "cannot read the Hub's version (%.40r): checking the token's scopes as on "
+            "JupyterHub 2 and later",
+            version,
+        )
     needed = SERVER_SCOPES + (USER_SCOPES if policy.cull_users else ())
     needed += GROUP_SCOPES if policy.needs_groups else ()
     missing = missing_scopes(client.identity(), needed)

@@ -12,7 +12,8 @@ keep-alive, retries, timeouts, URL quoting and pagination.
 
 Endpoints
     GET    /hub/api/                         no auth; {"version": ...}
-    GET    /hub/api/user                     the token's own model ("scopes" unless scopes=None)
+    GET    /hub/api/user                     the token's own model ("scopes" unless scopes=None);
+                                             before 2.0: 500, as 1.x answers a service token
     GET    /hub/api/users                    state=ready|active|inactive, offset, limit, pagination
     GET    /hub/api/users/{name}             one user's model
     DELETE /hub/api/users/{name}/server      stop the default server
@@ -625,6 +626,9 @@ class FakeHub:
             raise _Answer(404, "Not Found")
         seg = seg[2:]
         if req.method == "GET" and seg == ["user"]:
+            if _version_tuple(self.version) < (2, 0):
+                # 1.x builds a *user* model from the token's owner; a service has no groups.
+                raise _Answer(500, "Internal Server Error")
             model: dict[str, Any] = {"kind": "service", "name": self.service_name}
             if self.scopes is not None:
                 model["scopes"] = list(self.scopes)
