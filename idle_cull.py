@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
@@ -1316,9 +1317,31 @@ class _Command(click.Command):
         sys.exit(code or 0)
 
 
+CONFIG_FILE = "idle_culler_config.py"  # upstream's default, read from the working directory
+# What idle-cull reads from upstream's Python config file: these IdleCuller traits set the
+# option of the same name, cull_arbiter_hook is an --arbiter function, and log_level may also
+# be set on Application, as traitlets allows.
+CONFIG_TRAITS = (
+    "url", "timeout", "max_age", "cull_every", "cull_users", "cull_admin_users",
+    "cull_default_servers", "cull_named_servers", "remove_named_servers", "concurrency",
+    "api_page_size", "ssl_enabled", "internal_certs_location", "cull_arbiter_hook", "log_level",
+)  # fmt: skip
+
+
 def _load_config(ctx: click.Context, _param, path: str | None) -> str | None:
     if not path:
-        return path
+        if not os.path.isfile(CONFIG_FILE):
+            return path
+        path = ctx.meta["idle_cull.found_config"] = os.path.abspath(CONFIG_FILE)
+    if path.endswith(".toml"):
+        settings = _read_toml_config(ctx, path)
+    else:
+        settings = _read_python_config(ctx, path)
+    ctx.default_map = {**(ctx.default_map or {}), **settings}
+    return path
+
+
+def _read_toml_config(ctx: click.Context, path: str) -> dict:
     import tomllib
 
     try:
@@ -1345,8 +1368,87 @@ def _load_config(ctx: click.Context, _param, path: str | None) -> str | None:
         if not all(isinstance(item, str | int | float) for item in items):
             raise click.BadParameter(f"{path}: {key} = {value!r} is not a plain value")
         settings[param.name] = value
-    ctx.default_map = {**(ctx.default_map or {}), **settings}
-    return path
+    return settings
+
+
+class _ConfigSection:
+    """`c.IdleCuller` in upstream's config file: remembers what the file sets."""
+
+    def __init__(self, values: dict):
+        object.__setattr__(self, "_values", values)
+
+    def __setattr__(self, trait: str, value: object) -> None:
+        self._values[trait] = value
+
+    def __getattr__(self, trait: str) -> object:
+        try:
+            return self._values[trait]
+        except KeyError:
+            raise AttributeError(f"{trait} is not set") from None
+
+
+class _UpstreamConfig:
+    """The `c` of upstream's config file, without traitlets: `c.<Class>.<trait> = value`."""
+
+    def __init__(self):
+        object.__setattr__(self, "values", {})  # (class, trait) -> value
+
+    def __getattr__(self, name: str) -> _ConfigSection:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _ConfigSection(self.values.setdefault(name, {}))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        self.values[name] = value  # not a class: refused with its name once the file has run
+
+
+def _read_python_config(ctx: click.Context, path: str) -> dict:
+    """Run upstream's Python config file as traitlets does; the settings it makes."""
+    config = _UpstreamConfig()
+    namespace = {"c": config, "get_config": lambda: config, "__file__": os.path.abspath(path)}
+    try:
+        with open(path, "rb") as f:
+            source = f.read()
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc.strerror}") from None
+    # As `python -m jupyterhub_idle_culler` would, so that a hook can be imported from there.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        exec(compile(source, path, "exec"), namespace)
+    except (Exception, SystemExit) as exc:  # the operator's code: one line, no traceback
+        line = exc.lineno if isinstance(exc, SyntaxError) else None
+        for frame in traceback.extract_tb(exc.__traceback__):
+            if frame.filename == path:
+                line = frame.lineno
+        where = path if line is None else f"{path}, line {line}"
+        message = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise click.BadParameter(f"{where}: {message}") from None
+    settings = {}
+    # Application first: a setting on IdleCuller, its subclass, wins, as in traitlets.
+    for section, traits in sorted(config.values.items(), key=lambda item: item[0] == "IdleCuller"):
+        if not isinstance(traits, dict):
+            raise click.BadParameter(f"{path}: unknown setting c.{section}")
+        if traits and section not in ("IdleCuller", "Application"):
+            raise click.BadParameter(f"{path}: unknown class c.{section}")
+        for trait, value in traits.items():
+            if trait not in (CONFIG_TRAITS if section == "IdleCuller" else ("log_level",)):
+                raise click.BadParameter(f"{path}: unknown setting c.{section}.{trait}")
+            settings[trait] = value
+    if (hook := settings.pop("cull_arbiter_hook", None)) is not None:
+        if not callable(hook):
+            raise click.BadParameter(f"{path}: c.IdleCuller.cull_arbiter_hook is not callable")
+        ctx.meta["idle_cull.arbiter"] = hook
+    if isinstance(level := settings.get("log_level"), int) and not isinstance(level, bool):
+        settings["log_level"] = logging.getLevelName(level)  # logging.DEBUG, as traitlets takes
+    if settings.get("log_level") in ("WARN", "warn"):
+        settings["log_level"] = "WARNING"
+    if settings.get("url", "") is None:
+        del settings["url"]  # upstream's "not set"
+    for trait, value in settings.items():
+        if not isinstance(value, str | int | float):
+            raise click.BadParameter(f"{path}: {trait} = {value!r} is not a plain value")
+    return settings
 
 
 def _read_rules(tables: object, path: str) -> tuple[Rule, ...]:
@@ -1556,8 +1658,10 @@ def _check_outputs(metrics_file, pushgateway, warn_before, notify_command, state
 )
 @click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
               callback=_load_config,
-              help="TOML file of settings (keys as the long options, and [[rule]] tables). "
-                   "Command line and IDLE_CULL_* environment variables win over it.")
+              help="Settings file: TOML (.toml: keys as the long options, and [[rule]] tables), "
+                   "else upstream's Python config (c.IdleCuller.timeout = 3600). Command line "
+                   "and IDLE_CULL_* environment variables win over it.  [default: "
+                   f"{CONFIG_FILE}, if the working directory has one]")
 @click.option("--url", callback=_check_url, show_default="$JUPYTERHUB_API_URL, else " + DEFAULT_URL,
               default=lambda: os.environ.get("JUPYTERHUB_API_URL") or DEFAULT_URL,
               help="The Hub's API URL.")
@@ -1649,6 +1753,9 @@ def main(ctx, url, api_token_file, timeout, max_age, cull_every, cull_users, use
     verify, cert = _tls(ssl_enabled, internal_certs_location, ca_bundle, insecure)
     _check_outputs(metrics_file, pushgateway, warn_before, notify_command, state_file)
     _setup_logging(log_level, log_format, token)
+    if found := ctx.meta.get("idle_cull.found_config"):
+        log.info("read the config file %s (found in the working directory)", found)
+    arbiter = arbiter or ctx.meta.get("idle_cull.arbiter")  # --arbiter wins over the file's hook
     if not cull_every and os.environ.get("JUPYTERHUB_SERVICE_NAME"):
         # Started by the Hub, which restarts a service that exits: loop, as upstream does.
         cull_every = max(1, timeout // 2)

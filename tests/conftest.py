@@ -46,6 +46,21 @@ def hub_factory() -> Iterator:
         hub.stop()
 
 
+@pytest.fixture
+def captured(monkeypatch):
+    """Capture the settings a command line parses to, without a Hub."""
+    import idle_cull
+
+    seen = {}
+
+    def fake_pass(client, policy, settings, stop, progress=None):
+        seen.update(policy=policy, settings=settings, client=client)
+        return idle_cull.Report()
+
+    monkeypatch.setattr(idle_cull, "run_pass", fake_pass)
+    return seen
+
+
 def _args(hub: FakeHub, args: tuple) -> list[str]:
     args_list = [str(a) for a in args]
     if not any(a == "--url" or a.startswith("--url=") for a in args_list):

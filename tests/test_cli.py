@@ -423,19 +423,6 @@ def test_token_file_is_read_and_nothing_leaks_the_token(fake_hub, tmp_path):
 # ---- upstream command lines, environment and config file ---------------------------------
 
 
-@pytest.fixture
-def captured(monkeypatch):
-    """Capture the settings a command line parses to, without a Hub."""
-    seen = {}
-
-    def fake_pass(client, policy, settings, stop, progress=None):
-        seen.update(policy=policy, settings=settings, client=client)
-        return idle_cull.Report()
-
-    monkeypatch.setattr(idle_cull, "run_pass", fake_pass)
-    return seen
-
-
 UPSTREAM_LINES = {
     # as written by Zero to JupyterHub's hub config
     "z2jh": [

@@ -1,0 +1,156 @@
+"""Upstream's Python config file (idle_culler_config.py), read without traitlets."""
+
+import logging
+
+import pytest
+from conftest import run_cull
+from fakehub import iso, server
+
+EVERY_TRAIT = """\
+c = get_config()  # noqa
+
+def keep_gpu(inactive, inactive_limit, server):
+    return inactive.total_seconds() >= inactive_limit
+
+c.IdleCuller.url = "http://from-file:8081/hub/api"
+c.IdleCuller.timeout = 86400
+c.IdleCuller.max_age = 7 * 86400
+c.IdleCuller.cull_every = 0
+c.IdleCuller.cull_users = True
+c.IdleCuller.cull_admin_users = False
+c.IdleCuller.cull_default_servers = False
+c.IdleCuller.cull_named_servers = True
+c.IdleCuller.remove_named_servers = True
+c.IdleCuller.concurrency = 4
+c.IdleCuller.api_page_size = 50
+c.IdleCuller.ssl_enabled = False
+c.IdleCuller.internal_certs_location = "/srv/certs"
+c.IdleCuller.cull_arbiter_hook = keep_gpu
+c.Application.log_level = "DEBUG"
+"""
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_every_upstream_trait_is_read_from_the_python_file(fake_hub, captured, tmp_path):
+    config = write(tmp_path / "idle_culler_config.py", EVERY_TRAIT)
+    result = run_cull(fake_hub, f"--config={config}", "--url", fake_hub.url)
+    assert result.exit_code == 0, result.output
+    policy, settings = captured["policy"], captured["settings"]
+    assert (policy.timeout, policy.max_age) == (86400, 7 * 86400)
+    assert policy.cull_users and not policy.cull_admin_users
+    assert not policy.cull_default_servers and policy.cull_named_servers
+    assert policy.remove_named_servers
+    assert (settings.concurrency, settings.page_size) == (4, 50)
+    assert policy.arbiter.__name__ == "keep_gpu"
+    assert logging.getLogger().level == logging.DEBUG
+    # The file's url, but the command line wins.
+    assert captured["client"].base == fake_hub.url
+    result = run_cull(fake_hub, f"--config={config}", "--url", fake_hub.url, "--ssl-enabled")
+    assert result.exit_code == 2 and "/srv/certs/hub-internal" in result.stderr
+
+
+def test_the_file_url_is_used_without_a_command_line_url(fake_hub, captured, tmp_path):
+    config = write(tmp_path / "c.py", 'c.IdleCuller.url = "http://from-file:8081/hub/api"\n')
+    assert run_cull(fake_hub, f"--config={config}", "--url=").exit_code == 2  # still checked
+    from test_cli import CliRunnerNoUrl
+
+    assert CliRunnerNoUrl(fake_hub, {}, f"--config={config}").exit_code == 0
+    assert captured["client"].base == "http://from-file:8081/hub/api"
+
+
+def test_the_hook_decides_through_the_arbiter_path(fake_hub, tmp_path):
+    fake_hub.add_user("idle", servers={"": server(last_activity=iso(3600))})
+    fake_hub.add_user("active", servers={"": server(last_activity=iso(5))})
+    no = write(tmp_path / "no.py", "c.IdleCuller.cull_arbiter_hook = lambda **kw: False\n")
+    result = run_cull(fake_hub, f"--config={no}", "--json")
+    assert result.exit_code == 0 and result.json["summary"]["servers_stopped"] == 0
+    assert not [r for r in fake_hub.requests if r.method == "DELETE"]
+    yes = write(tmp_path / "yes.py", "c.IdleCuller.cull_arbiter_hook = lambda **kw: True\n")
+    result = run_cull(fake_hub, f"--config={yes}", "--json")
+    assert result.json["summary"]["servers_stopped"] == 2
+
+
+def test_a_hook_imported_from_the_working_directory(fake_hub, captured, tmp_path, monkeypatch):
+    write(tmp_path / "my_arbiter.py", "def decide(**kw):\n    return False\n")
+    write(tmp_path / "idle_culler_config.py", "from my_arbiter import decide\n"
+          "c.IdleCuller.cull_arbiter_hook = decide\n")  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert run_cull(fake_hub).exit_code == 0
+    assert captured["policy"].arbiter.__module__ == "my_arbiter"
+    # --arbiter on the command line wins over the file's hook.
+    write(tmp_path / "other.py", "def decide(**kw):\n    return True\n")
+    assert run_cull(fake_hub, "--arbiter=other:decide").exit_code == 0
+    assert captured["policy"].arbiter.__module__ == "other"
+
+
+def test_idle_culler_config_py_in_the_working_directory_is_loaded_and_said(
+    fake_hub, captured, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    assert run_cull(fake_hub).exit_code == 0
+    assert captured["policy"].timeout == 600
+    write(tmp_path / "idle_culler_config.py", "c.IdleCuller.timeout = 86400\n")
+    result = run_cull(fake_hub)
+    assert result.exit_code == 0 and captured["policy"].timeout == 86400
+    assert f"read the config file {tmp_path / 'idle_culler_config.py'}" in result.stderr
+    # An explicit --config replaces it.
+    other = write(tmp_path / "other.toml", "timeout = 100\n")
+    run_cull(fake_hub, f"--config={other}")
+    assert captured["policy"].timeout == 100
+
+
+def test_precedence_command_line_then_environment_then_python_file(fake_hub, captured, tmp_path):
+    config = write(tmp_path / "c.py", "c = get_config()\nc.IdleCuller.timeout = 100\n"
+                   "c.IdleCuller.max_age = 7\n")  # fmt: skip
+    run_cull(fake_hub, f"--config={config}")
+    assert (captured["policy"].timeout, captured["policy"].max_age) == (100, 7)
+    run_cull(fake_hub, f"--config={config}", env={"IDLE_CULL_TIMEOUT": "200"})
+    assert (captured["policy"].timeout, captured["policy"].max_age) == (200, 7)
+    run_cull(fake_hub, f"--config={config}", "--timeout=300", env={"IDLE_CULL_TIMEOUT": "200"})
+    assert captured["policy"].timeout == 300
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("c.IdleCuller.timeuot = 5\n", "unknown setting c.IdleCuller.timeuot"),
+        ("c.JupyterHub.services = []\n", "unknown class c.JupyterHub"),
+        ("c.Application.timeout = 5\n", "unknown setting c.Application.timeout"),
+        ("c.timeout = 5\n", "unknown setting c.timeout"),
+        ("c.IdleCuller.timeout = 0\n", "--timeout"),
+        ("c.IdleCuller.cull_users = 'maybe'\n", "'maybe' is not a valid boolean"),
+        ("c.IdleCuller.timeout = [60]\n", "timeout = [60] is not a plain value"),
+        ("c.IdleCuller.cull_arbiter_hook = 'mod:f'\n", "cull_arbiter_hook is not callable"),
+        ("x = 1\nraise RuntimeError('no\\nway')\n", "c.py, line 2: RuntimeError: no way"),
+        ("c.IdleCuller.timeout = \n", "c.py, line 1: SyntaxError"),
+        ("import no_such_module_here\n", "ModuleNotFoundError"),
+        ("load_subconfig('x.py')\n", "NameError"),
+        ("import sys\nsys.exit(3)\n", "SystemExit: 3"),
+        ("c.IdleCuller.max_age = c.IdleCuller.timeout * 2\n", "AttributeError"),
+    ],
+)
+def test_bad_python_config_files_are_one_line_and_exit_2(fake_hub, tmp_path, text, message):
+    config = write(tmp_path / "c.py", text)
+    result = run_cull(fake_hub, f"--config={config}")
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("idle-cull: error: ")
+    assert message in lines[0]
+    assert "Traceback" not in result.output
+    assert fake_hub.requests == []
+
+
+def test_a_missing_python_config_file_is_a_usage_error(fake_hub, tmp_path):
+    result = run_cull(fake_hub, f"--config={tmp_path / 'nope.py'}")
+    assert result.exit_code == 2 and "cannot read" in result.stderr
+
+
+def test_log_level_as_a_logging_constant(fake_hub, captured, tmp_path):
+    config = write(tmp_path / "c.py", "import logging\nc.Application.log_level = logging.WARN\n")
+    assert run_cull(fake_hub, f"--config={config}").exit_code == 0
+    assert logging.getLogger().level == logging.WARNING
