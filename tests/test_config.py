@@ -75,17 +75,17 @@ def test_the_hook_decides_through_the_arbiter_path(fake_hub, tmp_path):
 
 
 def test_a_hook_imported_from_the_working_directory(fake_hub, captured, tmp_path, monkeypatch):
-    write(tmp_path / "my_arbiter.py", "def decide(**kw):\n    return False\n")
-    write(tmp_path / "idle_culler_config.py", "from my_arbiter import decide\n"
+    write(tmp_path / "config_test_hook.py", "def decide(**kw):\n    return False\n")
+    write(tmp_path / "idle_culler_config.py", "from config_test_hook import decide\n"
           "c.IdleCuller.cull_arbiter_hook = decide\n")  # fmt: skip
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     assert run_cull(fake_hub).exit_code == 0
-    assert captured["policy"].arbiter.__module__ == "my_arbiter"
+    assert captured["policy"].arbiter.__module__ == "config_test_hook"
     # --arbiter on the command line wins over the file's hook.
-    write(tmp_path / "other.py", "def decide(**kw):\n    return True\n")
-    assert run_cull(fake_hub, "--arbiter=other:decide").exit_code == 0
-    assert captured["policy"].arbiter.__module__ == "other"
+    write(tmp_path / "config_test_other.py", "def decide(**kw):\n    return True\n")
+    assert run_cull(fake_hub, "--arbiter=config_test_other:decide").exit_code == 0
+    assert captured["policy"].arbiter.__module__ == "config_test_other"
 
 
 def test_idle_culler_config_py_in_the_working_directory_is_loaded_and_said(
