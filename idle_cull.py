@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import re
+import reprlib
 import shlex
 import signal
 import subprocess
@@ -139,12 +140,22 @@ class Verdict:
     cull_in: float | None = None  # for an active server: seconds until a limit is reached
 
 
+class ArbiterError(Exception):
+    """The arbiter was not asked, or gave no answer in time (said by whatever runs it)."""
+
+
 def _ask_arbiter(arbiter, idle: float, limit: int, server: dict) -> tuple[bool, str | None]:
     try:
         answer = arbiter(inactive=timedelta(seconds=idle), inactive_limit=limit, server=server)
-        return bool(answer), None
+    except ArbiterError as exc:
+        return False, f"arbiter: {exc}"
     except Exception as exc:  # the operator's code: any failure means "keep"
         return False, f"arbiter raised {type(exc).__name__}: {exc}"
+    # Upstream culls on any true value; a None, a "no" or a coroutine nobody awaited is far
+    # more likely a bug in the arbiter than a wish to cull.
+    if not isinstance(answer, bool):
+        return False, f"arbiter answered {reprlib.repr(answer)}, not True or False"
+    return answer, None
 
 
 def server_verdict(
@@ -673,6 +684,85 @@ class _Gate:
         return None
 
 
+ARBITER_POLL = 0.1  # seconds between looks at the gate while waiting for an arbiter
+
+
+class _ArbiterLoop:
+    """Calls the operator's arbiter on an event loop in a thread of its own, for one pass.
+
+    Sync and async arbiters both run there, inside a running loop as upstream runs them; an
+    awaitable answer (a coroutine, an asyncio or a concurrent future) is awaited. The caller
+    waits at most `timeout` seconds, and not past the gate's closing (--max-runtime, a
+    signal); then the call is cancelled and ArbiterError raised. After one such timeout the
+    arbiter is not asked again in this pass: a loop stuck in a sync arbiter would make every
+    later call wait the whole timeout too.
+    """
+
+    def __init__(self, arbiter: Callable[..., object], timeout: float, gate: _Gate):
+        import asyncio  # only a pass with an arbiter pays for it
+
+        self.arbiter, self.timeout, self.gate = arbiter, timeout, gate
+        self.gave_up: str | None = None
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="idle-cull-arbiter", daemon=True
+        )
+        self.thread.start()
+
+    async def _answer(self, kwargs: dict) -> object:
+        import asyncio
+        import concurrent.futures
+        import inspect
+
+        answer = self.arbiter(**kwargs)
+        if isinstance(answer, concurrent.futures.Future):
+            answer = asyncio.wrap_future(answer)
+        if inspect.isawaitable(answer):
+            answer = await answer
+        return answer
+
+    def __call__(self, **kwargs) -> object:
+        import asyncio
+        import concurrent.futures
+
+        if self.gave_up:
+            raise ArbiterError(f"not asked: {self.gave_up}")
+        if reason := self.gate.why_closed():
+            raise ArbiterError(f"not asked: {reason}")
+        future = asyncio.run_coroutine_threadsafe(self._answer(kwargs), self.loop)
+        deadline = time.monotonic() + self.timeout
+        while not future.done():
+            left = deadline - time.monotonic()
+            reason = self.gate.why_closed() or (
+                None if left > 0 else f"no answer within {self.timeout:g}s"
+            )
+            if reason:
+                future.cancel()
+                self.gave_up = f"{reason} (earlier in this pass)"
+                raise ArbiterError(reason)
+            concurrent.futures.wait([future], timeout=min(left, ARBITER_POLL))
+        return future.result()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(1)
+        if not self.thread.is_alive():  # else stuck in the arbiter: left to die with us
+            self.loop.close()
+
+
+@contextlib.contextmanager
+def _arbiter_on_a_loop(policy: Policy, timeout: float, gate: _Gate) -> Iterator[Policy]:
+    """The policy, with its arbiter (if any) called through an _ArbiterLoop for this pass."""
+    if policy.arbiter is None:
+        yield policy
+        return
+    arbiter = _ArbiterLoop(policy.arbiter, timeout, gate)
+    try:
+        yield replace(policy, arbiter=arbiter)
+    finally:
+        arbiter.close()
+
+
 def _next_offset(pagination: dict, base_url: str) -> int | None:
     """The offset of the next page, checking that the link stays on our Hub."""
     following = pagination.get("next")
@@ -833,7 +923,10 @@ def run_pass(
     gate = _Gate(stop, settings.max_runtime)
     plans: dict[str, UserPlan] = {}
     warnings: list[tuple[str, str, Verdict]] = []
-    with ThreadPoolExecutor(settings.concurrency, thread_name_prefix="idle-cull") as pool:
+    with (
+        _arbiter_on_a_loop(policy, client.timeout, gate) as policy,
+        ThreadPoolExecutor(settings.concurrency, thread_name_prefix="idle-cull") as pool,
+    ):
         try:
             version = client.info().get("version")
             _check_hub(client, policy, settings.dry_run, version)
@@ -1719,7 +1812,7 @@ def _check_outputs(metrics_file, pushgateway, warn_before, notify_command, state
               help="Do not verify the Hub's TLS certificate (warned on every pass).")
 @click.option("--arbiter", callback=_load_arbiter, metavar="MODULE:FUNCTION",
               help="Your own idle test, called as f(inactive=timedelta, inactive_limit=int, "
-                   "server=dict) -> bool; it replaces the idle-timeout test.")
+                   "server=dict) -> bool, or an async one; it replaces the idle-timeout test.")
 @click.option("--clock", type=click.Choice(["hub", "local"]), default="hub", show_default=True,
               help="Whose clock decides idle times: the Hub's (from its Date header) or ours.")
 @click.option("--lock-file", type=click.Path(dir_okay=False),
