@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import click
 import requests
@@ -407,18 +407,22 @@ class HubClient:
             )
         self.session.verify = verify
 
+        # requests re-quotes a URL (turning %2E back into ".") and collapses "." and ".."
+        # segments: requests are prepared with the base as requests spells it, then sent with
+        # the path exactly as `_segment` built it.
+        self._wire_base = requests.Request("GET", self.base).prepare().url.rstrip("/")
+
     def close(self) -> None:
         self.session.close()
 
-    def _request(self, method: str, path: str, what: str, **kwargs) -> requests.Response:
+    def _request(
+        self, method: str, path: str, what: str, params: dict | None = None, **kwargs
+    ) -> requests.Response:
+        url = self._wire_base + path + (f"?{urlencode(params)}" if params else "")
+        prepared = self.session.prepare_request(requests.Request(method, url, **kwargs))
+        prepared.url = url
         try:
-            response = self.session.request(
-                method,
-                self.base + path,
-                timeout=self.timeout,
-                allow_redirects=False,
-                **kwargs,
-            )
+            response = self.session.send(prepared, timeout=self.timeout, allow_redirects=False)
         except requests.exceptions.RetryError as exc:
             raise HubError(f"{what}: gave up after retries ({_cause(exc)})") from None
         except requests.Timeout:
@@ -502,20 +506,23 @@ class HubClient:
     def stop_server(self, user: str, server: str, remove: bool) -> str:
         """Stop (and with `remove`, delete) a server: 'done', 'stopping' (202) or 'gone' (404)."""
         if server:
-            path = f"/users/{quote(user, safe='')}/servers/{quote(server, safe='')}"
+            path = f"/users/{_segment(user)}/servers/{_segment(server)}"
             what = f"stopping server {user}/{server}"
+            # The Hub's 404s for an unknown user, and for a user without that named server.
+            gone = (HUB_NOT_FOUND, f"{user} has no server named '{server}'")
         else:
-            path = f"/users/{quote(user, safe='')}/server"
+            path = f"/users/{_segment(user)}/server"
             what = f"stopping the default server of {user}"
+            gone = (HUB_NOT_FOUND,)
         response = self._request("DELETE", path, what, json={"remove": True} if remove else None)
-        return self._action_result(response, what)
+        return self._action_result(response, what, gone)
 
     def server_active(self, user: str, server: str) -> bool:
         """Is the server still running or stopping? (The Hub lists only active servers.)"""
         what = f"looking at user {user}"
-        response = self._request("GET", f"/users/{quote(user, safe='')}", what)
-        if response.status_code == 404:
-            return False
+        response = self._request("GET", f"/users/{_segment(user)}", what)
+        if _is_hub_404(response, (HUB_NOT_FOUND,)):
+            return False  # the user is gone, and so is the server
         model = self._json(response, what)
         servers = model.get("servers") if isinstance(model, dict) else None
         if not isinstance(servers, dict):
@@ -524,19 +531,47 @@ class HubClient:
 
     def delete_user(self, user: str) -> str:
         what = f"deleting user {user}"
-        response = self._request("DELETE", f"/users/{quote(user, safe='')}", what)
-        return self._action_result(response, what)
+        response = self._request("DELETE", f"/users/{_segment(user)}", what)
+        return self._action_result(response, what, (HUB_NOT_FOUND,))
 
-    @staticmethod
-    def _action_result(response: requests.Response, what: str) -> str:
+    def _action_result(self, response: requests.Response, what: str, gone: tuple) -> str:
         if response.status_code == 202:
             return "stopping"
-        if response.status_code == 404:
+        if _is_hub_404(response, gone):
             return "gone"  # already stopped or deleted: what we wanted
         # The Hub answers 204. A redirect or a proxy's 200 page (a login form) stopped nothing.
         if response.status_code == 204 or (response.status_code == 200 and not response.content):
             return "done"
         raise HubError(f"{what}: HTTP {response.status_code} {_message(response)}")
+
+
+# JupyterHub's message in a 404 for a user that does not exist (tornado's reason phrase).
+HUB_NOT_FOUND = "Not Found"
+
+
+def _segment(name: str) -> str:
+    """A name as one path segment that reaches that name: "/" and "." too.
+
+    quote() leaves "." as it is, and "." or ".." as a whole segment is collapsed by URL
+    normalisation (a server "." of alice would become alice's default server).
+    """
+    quoted = quote(name, safe="")
+    return quoted.replace(".", "%2E") if quoted in (".", "..") else quoted
+
+
+def _is_hub_404(response: requests.Response, messages: tuple) -> bool:
+    """A 404 that the Hub itself gave about the object asked for, in one of `messages`.
+
+    A proxy's 404 (no X-JupyterHub-Version, an HTML page) or any other message is not proof
+    that the object is gone: it is a failure, never "done".
+    """
+    if response.status_code != 404 or "X-JupyterHub-Version" not in response.headers:
+        return False
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("status") == 404 and body.get("message") in messages
 
 
 def _message(response: requests.Response) -> str:

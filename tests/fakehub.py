@@ -37,8 +37,13 @@ Behaviour worth knowing when writing tests
   check their scope (with admin:users / admin:servers implying the usual sub-scopes) and answer
   403 "... requires any of [scope]" like the Hub.
 - Every answer carries ``Date`` (hub clock = local clock + date_skew; left out with
-  send_date=False) and ``X-JupyterHub-Version``. 204 answers carry no Content-Length (RFC 9110),
-  every other answer does.
+  send_date=False; ``date_header="..."`` sends that text instead, garbage included) and
+  ``X-JupyterHub-Version``.
+- Paths are routed as the Hub's tornado does: the pattern must match the raw path, then each
+  name is percent-decoded (``%2E`` is "."; ``/servers/`` with an empty name is the default
+  server; a path no route matches is the Hub's JSON 404 "Not Found"). Errors have the Hub's
+  messages, e.g. 404 "Not Found" for an unknown user and "alice has no server named 'x'".
+- 204 answers carry no Content-Length (RFC 9110), every other answer does.
 
 Recording: ``hub.requests`` (list of Request), ``hub.counts`` (Counter by Request.kind),
 ``hub.peak_in_flight``, ``hub.deletes()``, ``hub.stops`` ((user, server) the hub actually
@@ -49,7 +54,8 @@ Faults: ``hub.add_fault(match, kind, times=None, **params)``. ``match`` is a cal
 Request, or a ``(method, regex)`` tuple (method None = any; the regex is searched in the unquoted
 path). The first fault that matches and has uses left applies; ``times=N`` limits it to N uses so a
 retry can then succeed. Kinds and their params:
-    "status"       code=503, headers={} (e.g. {"Retry-After": "1"}), body=None (JSON error)
+    "status"       code=503, headers={} (e.g. {"Retry-After": "1"}), body=None (JSON error),
+                   proxy=False (True: a proxy's own answer, without X-JupyterHub-Version)
     "hang"         seconds=5.0, then="close"|"answer": wait (longer than the client's read
                    timeout), then drop the connection, or handle the request normally
     "drop"         after=False: close the connection without answering; after=True: do the
@@ -75,13 +81,13 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import Message
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlencode
+from urllib.parse import parse_qs, unquote, unquote_to_bytes, urlencode
 
 PAGINATION_MEDIA_TYPE = "application/jupyterhub-pagination+json"
 
@@ -197,9 +203,20 @@ class Request:
     body: bytes
     headers: Message  # case-insensitive: headers.get("Authorization")
     kind: str = "other"  # info, whoami, list, get_user, stop, delete_user, other
+    route_args: list[str] = field(default_factory=list)  # the route's groups, still encoded
 
     def json(self) -> Any:
         return json.loads(self.body) if self.body else None
+
+    @property
+    def user(self) -> str:
+        """The user name the Hub reads from the path (get_user, delete_user, stop)."""
+        return _tornado_unquote(self.route_args[0])
+
+    @property
+    def server(self) -> str:
+        """The server name the Hub reads from the path of a stop ("" is the default server)."""
+        return _tornado_unquote(self.route_args[1]) if len(self.route_args) > 1 else ""
 
 
 @dataclass
@@ -253,6 +270,7 @@ class FakeHub:
         latency: float = 0.0,
         date_skew: float = 0.0,
         send_date: bool = True,
+        date_header: str | None = None,
         service_name: str = "idle-cull",
         tls: ssl.SSLContext | None = None,
     ):
@@ -265,6 +283,7 @@ class FakeHub:
         self.latency = latency
         self.date_skew = date_skew
         self.send_date = send_date
+        self.date_header = date_header  # sent as it is instead of the hub's clock
         self.service_name = service_name
         self.tls = tls  # serve HTTPS with this server-side context
 
@@ -621,11 +640,7 @@ class FakeHub:
 
     def _route(self, req: Request, host: str) -> tuple[int, Any]:
         """Handle an authenticated request: (status, JSON-able body or None)."""
-        seg = req.segments
-        if seg[:2] != ["hub", "api"]:
-            raise _Answer(404, "Not Found")
-        seg = seg[2:]
-        if req.method == "GET" and seg == ["user"]:
+        if req.kind == "whoami":
             if _version_tuple(self.version) < (2, 0):
                 # 1.x builds a *user* model from the token's owner; a service has no groups.
                 raise _Answer(500, "Internal Server Error")
@@ -633,50 +648,57 @@ class FakeHub:
             if self.scopes is not None:
                 model["scopes"] = list(self.scopes)
             return 200, model
-        if req.method == "GET" and seg == ["users"]:
+        if req.kind == "list":
             return 200, self._list_users(req, host)
-        if len(seg) < 2 or seg[0] != "users":
-            raise _Answer(404, "Not Found")
-        name = seg[1]
-        if req.method == "GET" and len(seg) == 2:
+        if req.kind == "get_user":
             self._check_scope("read:servers")
-            if name not in self.users:
+            if req.user not in self.users:
                 raise _Answer(404, "Not Found")
-            return 200, self._model(name, self._bad_models(req))
-        if req.method == "DELETE":
-            if len(seg) == 2:
-                self._check_scope("delete:users")
-                return self._delete_user(name), None
-            if seg[2:] == ["server"] or (len(seg) == 4 and seg[2] == "servers"):
-                self._check_scope("delete:servers")
-                server_name = seg[3] if len(seg) == 4 else ""
-                try:
-                    body = req.json()
-                except ValueError:
-                    raise _Answer(400, "Invalid JSON in body") from None
-                remove = bool(isinstance(body, dict) and body.get("remove"))
-                return self._stop(name, server_name, remove), None
-        raise _Answer(404 if req.method in ("GET", "DELETE") else 405, "Not Found")
+            return 200, self._model(req.user, self._bad_models(req))
+        if req.kind == "delete_user":
+            self._check_scope("delete:users")
+            return self._delete_user(req.user), None
+        if req.kind == "stop":
+            self._check_scope("delete:servers")
+            try:
+                body = req.json()
+            except ValueError:
+                raise _Answer(400, "Invalid JSON in body") from None
+            remove = bool(isinstance(body, dict) and body.get("remove"))
+            return self._stop(req.user, req.server, remove), None
+        # The Hub's catch-all for /hub/api/ (API404), or tornado's own 404 elsewhere.
+        raise _Answer(404, "Not Found")
 
 
-def _kind(method: str, segments: list[str]) -> str:
-    seg = segments[2:] if segments[:2] == ["hub", "api"] else None
-    if seg is None:
-        return "other"
-    if method == "GET":
-        if seg in ([], [""]):
-            return "info"
-        if seg == ["user"]:
-            return "whoami"
-        if seg == ["users"]:
-            return "list"
-        if len(seg) == 2 and seg[0] == "users":
-            return "get_user"
-    if method == "DELETE" and len(seg) >= 2 and seg[0] == "users":
-        if len(seg) == 2:
-            return "delete_user"
-        return "stop"
-    return "other"
+# The Hub's routes that the fake serves (jupyterhub/apihandlers/*.py): (method, pattern, kind).
+# As tornado does, a pattern must match the whole raw path, and each group is then
+# percent-decoded (as UTF-8, else 400): "a%2Fb" is one name "a/b", "%2E" is ".", and
+# ".../servers/" (an empty group) is the default server.
+_ROUTES = [
+    ("GET", re.compile(r"/hub/api/?"), "info"),
+    ("GET", re.compile(r"/hub/api/user"), "whoami"),
+    ("GET", re.compile(r"/hub/api/users"), "list"),
+    ("GET", re.compile(r"/hub/api/users/([^/]+)"), "get_user"),
+    ("DELETE", re.compile(r"/hub/api/users/([^/]+)"), "delete_user"),
+    ("DELETE", re.compile(r"/hub/api/users/([^/]+)/server"), "stop"),
+    ("DELETE", re.compile(r"/hub/api/users/([^/]+)/servers/([^/]*)"), "stop"),
+]
+
+
+def _tornado_unquote(group: str) -> str:
+    try:
+        return unquote_to_bytes(group).decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Answer(400, f"Invalid unicode in url: {group[:40]!r}") from None
+
+
+def _match_route(method: str, raw_path: str) -> tuple[str, list[str]]:
+    """(kind, the path's groups, still percent-encoded) of the route a request reaches."""
+    for route_method, pattern, kind in _ROUTES:
+        match = pattern.fullmatch(raw_path)
+        if route_method == method and match:
+            return kind, list(match.groups())
+    return "other", []
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -686,6 +708,7 @@ class _Handler(BaseHTTPRequestHandler):
     # Headers and body go out in two writes; without this, Nagle + delayed ACK add ~40 ms.
     disable_nagle_algorithm = True
     server: _HTTPServer
+    from_proxy = False  # this answer is a proxy's own: no X-JupyterHub-Version
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         pass  # tests read hub.requests instead
@@ -695,9 +718,12 @@ class _Handler(BaseHTTPRequestHandler):
         hub = self.server.hub
         self.send_response_only(code, message)
         self.send_header("Server", self.version_string())
-        if hub.send_date:
+        if hub.date_header is not None:
+            self.send_header("Date", hub.date_header)
+        elif hub.send_date:
             self.send_header("Date", formatdate(hub.now(), usegmt=True))
-        self.send_header("X-JupyterHub-Version", hub.version)
+        if not self.from_proxy:
+            self.send_header("X-JupyterHub-Version", hub.version)
 
     def _send(self, status: int, body: Any = None, raw: bytes | None = None, headers=None) -> None:
         if raw is None and body is not None:
@@ -730,12 +756,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         hub = self.server.hub
+        self.from_proxy = False
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         raw_path, _, raw_query = self.path.partition("?")
         segments = [unquote(s) for s in raw_path.split("/")[1:]]
         if segments and segments[-1] == "":
             segments.pop()  # trailing slash
+        kind, groups = _match_route(self.command, raw_path)
         req = Request(
             method=self.command,
             path="/" + "/".join(segments),
@@ -745,7 +773,8 @@ class _Handler(BaseHTTPRequestHandler):
             raw_query=raw_query,
             body=body,
             headers=self.headers,
-            kind=_kind(self.command, segments),
+            kind=kind,
+            route_args=groups,
         )
         with hub._lock:
             hub.requests.append(req)
@@ -775,6 +804,7 @@ class _Handler(BaseHTTPRequestHandler):
             p = fault.params
             if fault.kind == "status":
                 code = p.get("code", 503)
+                self.from_proxy = p.get("proxy", False)
                 if p.get("body") is not None:
                     self._send(code, raw=p["body"], headers=p.get("headers"))
                 else:

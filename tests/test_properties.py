@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import string
 from datetime import UTC, datetime, timedelta, timezone
+from unittest.mock import patch
 
 import pytest
 from conftest import run_cull
@@ -337,3 +338,40 @@ def test_whole_pass_culls_only_idle_and_deletes_only_emptied_users(population, f
 
 def hub_servers(population, user: str) -> list[str]:
     return next(list(servers) for name, _, servers in population if name == user)
+
+
+# Names a Hub accepts that URL handling likes to mangle: dots, reserved and escaped characters.
+ODD_NAME = st.sampled_from([".", "..", "..."]) | st.text(
+    alphabet="./%?#;+~ é", min_size=1, max_size=4
+)
+
+
+@HUB_SETTINGS
+@given(user=ODD_NAME, named=ODD_NAME, cull_users=st.booleans())
+def test_every_name_reaches_its_own_objects(user, named, cull_users):
+    """Stops, deletes and the look while waiting reach the user and server named, no other."""
+    assume(user not in ("decoy", "server"))
+    with FakeHub(scopes=CULLER_SCOPES) as hub:
+        old, recent = hub.iso(3600), hub.iso(30)
+        for bystander in ("decoy", "server"):  # "server": what "./server" collapses to
+            hub.add_user(
+                bystander, last_activity=recent, servers={"": server(last_activity=recent)}
+            )
+        hub.add_user(
+            user,
+            last_activity=old,
+            servers={
+                "": server(last_activity=old, stop_after=0),
+                named: server(last_activity=old),
+            },
+        )
+        args = ["--json", "--wait-for-stop=10", "--remove-named-servers"]
+        with patch.object(idle_cull, "STOP_POLL_INTERVAL", 0.05):
+            result = run_cull(hub, *args, *(["--cull-users"] if cull_users else []))
+        assert result.exit_code == 0, result.stderr
+        assert sorted(hub.stops) == sorted([(user, ""), (user, named)])
+        assert hub.removed == [(user, named)]
+        assert hub.deleted_users == ([user] if cull_users else [])
+        assert {r.user for r in hub.requests if r.kind in ("stop", "get_user", "delete_user")} == {
+            user
+        }

@@ -1,0 +1,120 @@
+"""Issue 11, never a wrong cull (round two): odd names, 404s that are not about the object, the
+clock, hidden servers, the scope that shows `created`, leaks of the token, unwritable files."""
+
+import json
+
+import pytest
+from conftest import run_cull
+from fakehub import iso, server
+
+IDLE, ACTIVE = 3600, 30  # seconds since last activity, against --timeout 600
+
+
+def idle_server(**kw):
+    return server(last_activity=iso(IDLE), **kw)
+
+
+def active_server(**kw):
+    return server(last_activity=iso(ACTIVE), **kw)
+
+
+def deletes(hub) -> list[str]:
+    return [r.raw_path for r in hub.requests if r.method == "DELETE"]
+
+
+# ---- 1. names made of dots reach their own objects; a 404 is "gone" only when it says so -------
+
+
+def test_named_servers_dot_and_dotdot_are_stopped_not_the_default_server(fake_hub):
+    fake_hub.add_user(
+        "alice",
+        last_activity=iso(ACTIVE),
+        servers={"": idle_server(), ".": idle_server(), "..": idle_server()},
+    )
+    result = run_cull(fake_hub, "--no-cull-default-servers", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert sorted(fake_hub.stops) == [("alice", "."), ("alice", "..")]
+    assert sorted(deletes(fake_hub)) == [
+        "/hub/api/users/alice/servers/%2E",
+        "/hub/api/users/alice/servers/%2E%2E",
+    ]
+    assert fake_hub.server_names() == {("alice", "")}
+
+
+def test_users_dot_and_dotdot_never_touch_another_user(fake_hub):
+    # "." stopping its default server once became DELETE /users/server: user "server" deleted.
+    fake_hub.add_user("server", last_activity=iso(ACTIVE), servers={"": active_server()})
+    fake_hub.add_user(".", last_activity=iso(IDLE), servers={"": idle_server()})
+    fake_hub.add_user("..", last_activity=iso(IDLE), servers={})
+    result = run_cull(fake_hub, "--cull-users", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert fake_hub.stops == [(".", "")]
+    assert sorted(fake_hub.deleted_users) == [".", ".."]
+    assert "server" in fake_hub.users and fake_hub.server_names() == {("server", "")}
+    assert sorted(deletes(fake_hub)) == [
+        "/hub/api/users/%2E",
+        "/hub/api/users/%2E%2E",
+        "/hub/api/users/%2E/server",
+    ]
+
+
+def test_waiting_for_a_stop_looks_at_the_user_named_dot(fake_hub):
+    fake_hub.add_user(".", last_activity=iso(IDLE), servers={"": idle_server(stop_after=0.5)})
+    result = run_cull(fake_hub, "--cull-users", "--wait-for-stop=20", "--json")
+    assert result.exit_code == 0, result.stderr
+    looks = [r.raw_path for r in fake_hub.requests if r.kind == "get_user"]
+    assert looks and set(looks) == {"/hub/api/users/%2E"}
+    assert fake_hub.deleted_users == ["."]
+
+
+HUB_404 = json.dumps({"status": 404, "message": "Not Found"}).encode()
+
+
+@pytest.mark.parametrize(
+    "server_name, params, result",
+    [
+        ("", {"body": HUB_404}, "gone"),  # the Hub: no such user
+        ("lab", {"body": HUB_404}, "gone"),
+        ("lab", {"body": b'{"status": 404, "message": "u has no server named \'lab\'"}'}, "gone"),
+        # Not about this server: another server's message, a proxy's page, a bare 404.
+        ("lab", {"body": b'{"status": 404, "message": "u has no server named \'x\'"}'}, "failed"),
+        ("", {"body": HUB_404, "proxy": True}, "failed"),
+        ("", {"body": b"<html><body>404 Not Found</body></html>", "proxy": True}, "failed"),
+        ("", {"body": b"<html><body>404 Not Found</body></html>"}, "failed"),
+        ("", {"body": b'{"status": 404, "message": "No such API endpoint"}'}, "failed"),
+        ("", {}, "failed"),
+    ],
+    ids=[
+        "hub-user", "hub-named-user", "hub-named", "other-server", "proxy-json", "proxy-html",
+        "html", "other-message", "injected",
+    ],
+)  # fmt: skip
+def test_a_404_counts_as_gone_only_when_the_hub_says_so_about_that_object(
+    fake_hub, server_name, params, result
+):
+    fake_hub.add_user("u", last_activity=iso(ACTIVE), servers={server_name: idle_server()})
+    tail = f"servers/{server_name}" if server_name else "server"
+    fake_hub.add_fault(("DELETE", f"^/hub/api/users/u/{tail}$"), "status", code=404, **params)
+    outcome = run_cull(fake_hub, "--json")
+    assert [a["result"] for a in outcome.json["actions"]] == [result]
+    assert outcome.exit_code == (0 if result == "gone" else 1)
+    assert outcome.json["summary"]["servers_stopped"] == (1 if result == "gone" else 0)
+
+
+@pytest.mark.parametrize("proxy", [False, True], ids=["hub", "proxy"])
+def test_a_404_on_deleting_a_user(fake_hub, proxy):
+    fake_hub.add_user("u", last_activity=iso(IDLE), servers={})
+    fake_hub.add_fault(("DELETE", "^/hub/api/users/u$"), "status", code=404, body=HUB_404,
+                       proxy=proxy)  # fmt: skip
+    outcome = run_cull(fake_hub, "--cull-users", "--json")
+    assert [a["result"] for a in outcome.json["actions"]] == ["failed" if proxy else "gone"]
+    assert outcome.exit_code == (1 if proxy else 0)
+
+
+def test_a_proxy_404_while_waiting_for_a_stop_is_not_done(fake_hub):
+    fake_hub.add_user("u", last_activity=iso(IDLE), servers={"": idle_server(stop_after=60)})
+    fake_hub.add_fault(("GET", "^/hub/api/users/u$"), "status", code=404, body=HUB_404,
+                       proxy=True)  # fmt: skip
+    outcome = run_cull(fake_hub, "--cull-users", "--wait-for-stop=2", "--json")
+    assert [a["result"] for a in outcome.json["actions"]] == ["stopping", "skipped"]
+    assert fake_hub.deleted_users == []
