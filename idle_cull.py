@@ -597,6 +597,8 @@ def _cause(exc: BaseException) -> str:
 # ---------------------------------------------------------------------------
 
 NOTIFY_TIMEOUT = 30  # seconds one --notify-command may take
+# The environment --notify-command gets (and LC_*): what finds programs, the user, the language.
+NOTIFY_ENV = frozenset({"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR"})
 STOP_POLL_INTERVAL = 1.0  # seconds between looks at a server that is stopping
 
 
@@ -1179,8 +1181,9 @@ def _send_warnings(
 
 def _notify(command: tuple[str, ...], message: dict) -> str | None:
     """Run the operator's command with the warning as JSON on stdin; an error text or None."""
-    # The command is the operator's, but it has no need of the Hub token.
-    env = {k: v for k, v in os.environ.items() if k != "JUPYTERHUB_API_TOKEN"}
+    # The command is the operator's, but it has no need of the Hub's token, which a managed
+    # service holds under two names (and who knows what else): pass only what a command needs.
+    env = {k: v for k, v in os.environ.items() if k in NOTIFY_ENV or k.startswith("LC_")}
     try:
         done = subprocess.run(
             command,
@@ -1635,15 +1638,23 @@ def _load_arbiter(_ctx, _param, value: str | None):
 
 
 def _read_token(token_file: str | None) -> str:
+    # Errors name the file, never a byte of it: it could hold a token or two.
     if token_file:
         try:
             with open(token_file, encoding="utf-8") as f:
-                token = f.read().strip()
+                lines = [line.strip() for line in f.read().splitlines() if line.strip()]
         except OSError as exc:
             raise click.UsageError(f"cannot read the API token file: {exc.strerror}") from None
-        if not token:
+        except UnicodeDecodeError:
+            raise click.UsageError(f"the API token file {token_file} is not UTF-8 text") from None
+        if not lines:
             raise click.UsageError(f"the API token file {token_file} is empty")
-        return token
+        if len(lines) > 1:
+            # Say, an old and a new token mid-rotation: which one is meant is not ours to guess.
+            raise click.UsageError(
+                f"the API token file {token_file} has {len(lines)} lines: it must hold one token"
+            )
+        return lines[0]
     token = os.environ.get("JUPYTERHUB_API_TOKEN", "").strip()
     if not token:
         raise click.UsageError("no API token: set JUPYTERHUB_API_TOKEN or --api-token-file")

@@ -2,6 +2,7 @@
 clock, hidden servers, the scope that shows `created`, leaks of the token, unwritable files."""
 
 import json
+import sys
 
 import pytest
 from conftest import run_cull
@@ -22,7 +23,7 @@ def deletes(hub) -> list[str]:
     return [r.raw_path for r in hub.requests if r.method == "DELETE"]
 
 
-# ---- 1. names made of dots reach their own objects; a 404 is "gone" only when it says so -------
+# ---- 1. names of dots reach their own objects; a 404 is "gone" only when it says so ----------
 
 
 def test_named_servers_dot_and_dotdot_are_stopped_not_the_default_server(fake_hub):
@@ -118,3 +119,77 @@ def test_a_proxy_404_while_waiting_for_a_stop_is_not_done(fake_hub):
     outcome = run_cull(fake_hub, "--cull-users", "--wait-for-stop=2", "--json")
     assert [a["result"] for a in outcome.json["actions"]] == ["stopping", "skipped"]
     assert fake_hub.deleted_users == []
+
+
+# ---- 5. --notify-command gets an allow-listed environment -------------------------------------
+
+
+def test_notify_command_gets_neither_token_variable(fake_hub, tmp_path):
+    seen = tmp_path / "env.json"
+    script = tmp_path / "notify.py"
+    script.write_text(f"import json, os\njson.dump(dict(os.environ), open({str(seen)!r}, 'w'))\n")
+    fake_hub.add_user("soon", servers={"": server(last_activity=iso(500))})
+    env = {
+        "JUPYTERHUB_API_TOKEN": fake_hub.token,  # as the Hub gives a managed service, twice
+        "JPY_API_TOKEN": fake_hub.token,
+        "DATABASE_PASSWORD": "hunter2",
+        "LC_ALL": "C.UTF-8",
+        "TZ": "UTC",
+    }
+    result = run_cull(
+        fake_hub,
+        "--warn-before=200",
+        f"--notify-command={sys.executable} {script}",
+        f"--state-file={tmp_path / 'state.json'}",
+        env=env,
+    )
+    assert result.exit_code == 0, result.stderr
+    child = json.loads(seen.read_text())
+    assert not {"JUPYTERHUB_API_TOKEN", "JPY_API_TOKEN", "DATABASE_PASSWORD"} & set(child)
+    assert not [key for key, value in child.items() if fake_hub.token[:8] in value]
+    assert child["LC_ALL"] == "C.UTF-8" and child["TZ"] == "UTC" and "PATH" in child
+
+
+# ---- 7. a token file with two tokens, or not UTF-8 ---------------------------------------------
+
+OLD_TOKEN, NEW_TOKEN = "0ld70k3n" * 4, "n3w70k3n" * 4
+
+
+def fragments(secret: str, size: int = 8) -> set[str]:
+    return {secret[i : i + size] for i in range(len(secret) - size + 1)}
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        f"{OLD_TOKEN}\n{NEW_TOKEN}\n".encode(),
+        f"\n  {OLD_TOKEN}  \n\n{NEW_TOKEN}".encode(),
+        b"\xff\xfe" + OLD_TOKEN.encode(),
+        OLD_TOKEN.encode() + b"\x80\n",
+    ],
+    ids=["two-lines", "two-with-blanks", "not-utf8-start", "not-utf8-end"],
+)
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_token_file_with_two_tokens_or_not_utf8_is_a_usage_error(
+    fake_hub, tmp_path, content, log_format
+):
+    token_file = tmp_path / "token"
+    token_file.write_bytes(content)
+    result = run_cull(
+        fake_hub, f"--api-token-file={token_file}", f"--log-format={log_format}", "--json"
+    )
+    assert result.exit_code == 2
+    output = result.stdout + result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert str(token_file) in result.stderr
+    assert not [piece for piece in fragments(OLD_TOKEN + NEW_TOKEN) if piece in output]
+    assert fake_hub.requests == []
+
+
+def test_a_token_file_with_one_token_and_blank_lines_is_fine(fake_hub, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(f"\n  {fake_hub.token}  \n\n")
+    fake_hub.add_user("u", servers={"": idle_server()})
+    result = run_cull(fake_hub, f"--api-token-file={token_file}", env={"JUPYTERHUB_API_TOKEN": ""})
+    assert result.exit_code == 0, result.stderr
+    assert fake_hub.stops == [("u", "")]
