@@ -1,4 +1,4 @@
-# idle-cull: `make install`, `make test`, `make lint`, `make bench`, `make demo`.
+# idle-cull: `make install`, `make test`, `make lint`, `make bench`, `make demo`, `make image`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -23,7 +23,10 @@ $(CHP):
 
 proxy: $(CHP)
 
-test: install $(CHP) systemd-tools
+# Needs no root: checks whose tools are missing (systemd-analyze, flock, podman, ...) are
+# skipped, and pytest's summary at the end names each one with the missing tool.
+# `make test-tools` (root, Debian) installs them; CI does, and fails on any such skip.
+test: install $(CHP)
 	PATH="$(NODE_BIN):$$PATH" $(PY) -m pytest -q
 
 lint: install
@@ -34,10 +37,17 @@ clean:
 	rm -rf $(VENV) $(NODE_DIR) .pytest_cache .ruff_cache .hypothesis
 
 # --- Scheduling (README "Running on a schedule") ---
-# The tests verify the systemd units with systemd-analyze, from Debian's `systemd` package.
-systemd-tools:
-	command -v systemd-analyze >/dev/null || \
-		{ apt-get update -q && apt-get install -y -q --no-install-recommends systemd; }
+# What the scheduler and image checks run, from Debian's packages: systemd-analyze and systemd
+# itself (systemd), flock and unshare (util-linux), and the container engine with what makes the
+# image's base (podman, runc, mmdebstrap).
+TEST_TOOLS := systemd-analyze:systemd flock:util-linux unshare:util-linux podman:podman \
+	runc:runc mmdebstrap:mmdebstrap
+test-tools:
+	@missing=; for pair in $(TEST_TOOLS); do \
+		command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
+	[ -z "$$missing" ] || { apt-get update -q && \
+		apt-get install -y -q -o DPkg::Lock::Timeout=300 \
+		--no-install-recommends $$missing; }
 
 # Copies the units and the example settings, then enables the timer. Expects idle-cull in
 # /opt/idle-cull/venv and the Hub token in /etc/idle-cull/token (README). Never overwrites an
@@ -57,7 +67,7 @@ else
 	systemctl --root=$(DESTDIR) enable idle-cull.timer
 endif
 
-.PHONY: systemd-tools install-systemd
+.PHONY: test-tools install-systemd
 
 # --- make demo (README "Try it") ---
 # A throw-away JupyterHub + proxy on 127.0.0.1 with a few users; the culler runs as a dry run,
@@ -84,3 +94,43 @@ $(BENCH_VENV)/.installed:
 bench: install $(BENCH_VENV)/.installed
 	$(PY) tests/bench/bench.py --sizes $(SIZES) --latencies $(LATENCIES) --repeat $(REPEAT) \
 		--upstream-python $(BENCH_VENV)/bin/python
+
+# --- Container image (README "Kubernetes CronJob") ---
+# Built with podman from a base made of Debian's packages by mmdebstrap, so no image registry
+# is needed (the Dockerfile's own default base is the public python:3.12-slim). The base
+# tarball is kept in IMAGE_CACHE, named by a hash of the command that makes it; the engine's
+# layer cache (/var/lib/containers) keeps the rest, so a rebuild with unchanged inputs takes
+# seconds. Needs root (rootful podman) and PyPI for the pip install inside the build.
+IMAGE ?= localhost/idle-cull:latest
+IMAGE_CACHE ?= /var/cache/idle-cull
+# Python 3.11 and its venv module, without documentation (copyright files kept).
+MMDEBSTRAP := mmdebstrap --quiet --variant=essential --include=python3-venv,ca-certificates \
+	'--dpkgopt=path-exclude=/usr/share/man/*' '--dpkgopt=path-exclude=/usr/share/info/*' \
+	'--dpkgopt=path-exclude=/usr/share/locale/*' '--dpkgopt=path-exclude=/usr/share/doc/*' \
+	'--dpkgopt=path-include=/usr/share/doc/*/copyright' bookworm
+BASE_KEY := $(shell echo "$(MMDEBSTRAP)" | sha256sum | cut -c1-16)
+BASE_TAR := $(IMAGE_CACHE)/base-$(BASE_KEY).tar
+BASE_IMAGE := localhost/idle-cull-base:$(BASE_KEY)
+# RUN steps in a chroot, not an OCI runtime: builds where containers get no cgroups or rlimits.
+# The build (not the image) sees the host's pip settings and CA certificates, for a machine
+# whose PyPI comes through a mirror or a proxy with its own CA (an empty /etc/pip.conf, the
+# mount point, stays in the image).
+IMAGE_BUILD_FLAGS := --isolation chroot --network host \
+	$(foreach f,/etc/pip.conf /etc/ssl/certs,$(if $(wildcard $f),--volume $f:$f:ro))
+
+$(BASE_TAR):
+	mkdir -p $(IMAGE_CACHE)
+	$(MMDEBSTRAP) $(IMAGE_CACHE)/base-$(BASE_KEY).partial.tar
+	mv $(IMAGE_CACHE)/base-$(BASE_KEY).partial.tar $@
+
+image-base: $(BASE_TAR)
+	@podman image exists $(BASE_IMAGE) || podman import --quiet $(BASE_TAR) $(BASE_IMAGE)
+	@echo $(BASE_IMAGE)
+
+image: image-base
+	podman build --quiet $(IMAGE_BUILD_FLAGS) --build-arg BASE=$(BASE_IMAGE) \
+		-f examples/kubernetes/Dockerfile --ignorefile examples/kubernetes/Dockerfile.dockerignore \
+		-t $(IMAGE) .
+	@podman image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' $(IMAGE)
+
+.PHONY: image-base image

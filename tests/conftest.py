@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from click.testing import CliRunner, Result
@@ -124,3 +126,21 @@ def run_cull_subprocess(
     assert "internal error" not in proc.stderr, proc.stderr
     proc.json = _parse_json(args_list, proc.stdout)
     return proc
+
+
+# .ci/run sets this: there, a check that this machine cannot run is a failure, not a skip.
+REQUIRE_ALL = "IDLE_CULL_REQUIRE_ALL"
+
+
+def cannot_run(reason: str) -> NoReturn:
+    """Skip the check with a one-line reason (pytest -ra lists it at the end), or fail it in CI."""
+    if os.environ.get(REQUIRE_ALL) == "1":
+        pytest.fail(f"{reason} ({REQUIRE_ALL}=1: every check must run)", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_tools(*tools: str, check: str, install: str) -> None:
+    """Skip (or in CI fail) `check` unless every tool is on PATH; `install` says how to add them."""
+    missing = [tool for tool in tools if not shutil.which(tool)]
+    if missing:
+        cannot_run(f"{check}: {', '.join(missing)} not found ({install})")
