@@ -106,16 +106,16 @@ def systemd_analyze(*args) -> subprocess.CompletedProcess:
     return subprocess.run(["systemd-analyze", *args], capture_output=True, text=True, timeout=60)
 
 
-def make_install_systemd(root: Path) -> subprocess.CompletedProcess:
+def make_target(*args: str) -> subprocess.CompletedProcess:
     # Under `make test`, the outer make's flags (jobserver, -n, ...) must not reach this one.
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     return subprocess.run(
-        ["make", "-s", "-C", str(REPO), "install-systemd", f"DESTDIR={root}"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
+        ["make", "-s", "-C", str(REPO), *args], env=env, capture_output=True, text=True, timeout=900
     )
+
+
+def make_install_systemd(root: Path) -> subprocess.CompletedProcess:
+    return make_target("install-systemd", f"DESTDIR={root}")
 
 
 @pytest.fixture
@@ -659,13 +659,6 @@ TEST_IMAGE = "localhost/idle-cull:test"
 # set (sandboxes, nested containers), and crun refuses a hybrid cgroup v1/v2 host: runc, and
 # limits any process may set, start a container everywhere. The culler needs few of either.
 ENGINE_FLAGS = ["--runtime", "runc", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
-
-
-def make_target(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
-    return subprocess.run(
-        ["make", "-s", "-C", str(REPO), *args], env=env, capture_output=True, text=True, timeout=900
-    )
 
 
 def last_line(done: subprocess.CompletedProcess) -> str:
