@@ -27,7 +27,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -822,14 +822,15 @@ def list_user_pages(
     pool: ThreadPoolExecutor,
     gate: _Gate,
     errors: list[str],
+    first: tuple[list, dict | None] | None = None,
 ) -> Iterator[tuple[list, int | None]]:
     """(page of user models, total from the first page) as pages arrive.
 
-    Failures after the first page go to `errors`. Once the first page gives the total, the
-    other pages are fetched concurrently. Offsets are only stable while nothing is stopped,
-    so the caller acts after the listing.
+    Failures after the first page go to `errors`. Once the first page (`first`, when it was
+    already fetched) gives the total, the other pages are fetched concurrently. Offsets are
+    only stable while nothing is stopped, so the caller acts after the listing.
     """
-    items, pagination = client.list_users(state, 0, settings.page_size)
+    items, pagination = first or client.list_users(state, 0, settings.page_size)
     total = pagination.get("total") if pagination else None
     yield items, total if isinstance(total, int) else None
     if pagination is None:
@@ -964,9 +965,15 @@ def run_pass(
         _arbiter_on_a_loop(policy, client.timeout, gate) as policy,
         ThreadPoolExecutor(settings.concurrency, thread_name_prefix="idle-cull") as pool,
     ):
+        check: Future | None = None
         try:
+            # One round trip before the listing goes on: the first page is asked for with the
+            # version. Planning needs no permission, so the listing goes on while the scopes
+            # are checked (once the version says whether there are any); nothing is done
+            # before the check has passed.
+            first_page = pool.submit(client.list_users, "ready", 0, settings.page_size)
             version = client.info().get("version")
-            _check_hub(client, policy, settings.dry_run, version)
+            check = pool.submit(_check_hub, client, policy, settings.dry_run, version)
             states = _states(version, policy)
             now = client.now()
             _warn_on_skew(client)
@@ -975,7 +982,10 @@ def run_pass(
                     report.errors.append(f"listing users (state={state}): not started: {reason}")
                     break
                 try:
-                    pages = list_user_pages(client, state, settings, pool, gate, report.errors)
+                    first = _first_page(client, first_page, state, settings) if not index else None
+                    pages = list_user_pages(
+                        client, state, settings, pool, gate, report.errors, first
+                    )
                     for number, (page, total) in enumerate(pages):
                         if number == 0 and total:
                             progress.start(f"Listing users ({state or 'all'})", total)
@@ -986,10 +996,11 @@ def run_pass(
                     if index == 0:
                         raise
                     report.errors.append(str(exc))
+            check.result()
         except HubError as exc:
-            report.fatal = str(exc)
+            report.fatal = _failed_check(check) or str(exc)
         except GroupsHidden as exc:
-            report.fatal = (
+            report.fatal = _failed_check(check) or (
                 f"the Hub does not show the groups of user {exc}: group exclusions and rules "
                 "need the read:users:groups scope"
             )
@@ -1063,6 +1074,29 @@ def _check_hub(client: HubClient, policy: Policy, dry_run: bool, version: object
         missing = [s for s in missing if not s.startswith("delete:")]
     if missing:
         raise HubError(f"the token lacks the scope(s) {', '.join(missing)} needed to cull")
+
+
+def _failed_check(check: Future | None) -> str | None:
+    """Why the scope check failed (it explains a failed listing best), once it has ended."""
+    try:
+        if check is not None:
+            check.result()
+    except HubError as exc:
+        return str(exc)
+    return None
+
+
+def _first_page(
+    client: HubClient, asked: Future, state: str | None, settings: PassSettings
+) -> tuple[list, dict | None]:
+    """The page asked for with ?state=ready before the version was known."""
+    try:
+        return asked.result()
+    except HubError:
+        if state == "ready":
+            raise
+        # A Hub before 1.3 ignores the filter; one that refuses it is asked again without.
+        return client.list_users(state, 0, settings.page_size)
 
 
 def _states(version: object, policy: Policy) -> list[str | None]:

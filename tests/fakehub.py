@@ -45,10 +45,11 @@ Behaviour worth knowing when writing tests
   messages, e.g. 404 "Not Found" for an unknown user and "alice has no server named 'x'".
 - 204 answers carry no Content-Length (RFC 9110), every other answer does.
 
-Recording: ``hub.requests`` (list of Request), ``hub.counts`` (Counter by Request.kind),
-``hub.peak_in_flight``, ``hub.deletes()``, ``hub.stops`` ((user, server) the hub actually
-stopped or began stopping), ``hub.removed`` (named servers deleted), ``hub.deleted_users``,
-``hub.errors`` (tracebacks inside the fake itself; should stay empty).
+Recording: ``hub.requests`` (list of Request, each with its ``received`` monotonic time),
+``hub.counts`` (Counter by Request.kind), ``hub.peak_in_flight``, ``hub.deletes()``,
+``hub.stops`` ((user, server) the hub actually stopped or began stopping), ``hub.removed``
+(named servers deleted), ``hub.deleted_users``, ``hub.errors`` (tracebacks inside the fake
+itself; should stay empty).
 
 Faults: ``hub.add_fault(match, kind, times=None, **params)``. ``match`` is a callable taking the
 Request, or a ``(method, regex)`` tuple (method None = any; the regex is searched in the unquoted
@@ -204,6 +205,7 @@ class Request:
     headers: Message  # case-insensitive: headers.get("Authorization")
     kind: str = "other"  # info, whoami, list, get_user, stop, delete_user, other
     route_args: list[str] = field(default_factory=list)  # the route's groups, still encoded
+    received: float = 0.0  # time.monotonic() when the request had been read
 
     def json(self) -> Any:
         return json.loads(self.body) if self.body else None
@@ -775,6 +777,7 @@ class _Handler(BaseHTTPRequestHandler):
             headers=self.headers,
             kind=kind,
             route_args=groups,
+            received=time.monotonic(),
         )
         with hub._lock:
             hub.requests.append(req)

@@ -74,3 +74,76 @@ def test_a_full_scope_set_culls_on_2_0(hub_factory):
     assert result.exit_code == 0, result.stderr
     assert hub.stops == [("idle", "")]
     assert hub.counts["whoami"] == 1
+
+
+# ---- the start of a pass: one round trip before the listing goes on ------------------------
+
+
+def hub_of_idle_users(hub_factory, count, **settings):
+    hub = hub_factory(**settings)
+    for i in range(count):
+        hub.add_user(f"u{i}", servers={"": server(last_activity=iso(IDLE))})
+    return hub
+
+
+def test_the_version_and_the_first_page_are_asked_for_together(hub_factory):
+    hub = hub_of_idle_users(hub_factory, 1, latency=0.5)
+    result = run_cull(hub)
+    assert result.exit_code == 0, result.stderr
+    info, first_page = sorted(hub.requests[:2], key=lambda r: r.kind)
+    assert (info.kind, first_page.kind) == ("info", "list")
+    assert first_page.query["state"] == "ready" and first_page.query["offset"] == "0"
+    assert abs(first_page.received - info.received) < 0.5  # not one after the other
+    whoami = next(r for r in hub.requests if r.kind == "whoami")
+    assert whoami.received >= info.received + 0.5  # asked once the version said 2.0 or later
+
+
+def slow_scope_check(hub, seconds):
+    hub.add_fault(("GET", "^/hub/api/user$"), "hang", times=1, seconds=seconds, then="answer")
+
+
+def test_the_listing_goes_on_during_the_scope_check_but_no_stop_before_it(hub_factory):
+    hub = hub_of_idle_users(hub_factory, 6)
+    slow_scope_check(hub, 1.5)
+    result = run_cull(hub, "--api-page-size=2")
+    assert result.exit_code == 0, result.stderr
+    assert len(hub.stops) == 6
+    whoami = next(r for r in hub.requests if r.kind == "whoami")
+    answered = whoami.received + 1.5
+    assert max(r.received for r in hub.requests if r.kind == "list") < answered
+    assert min(r.received for r in hub.requests if r.kind == "stop") >= answered
+
+
+def test_a_scope_missing_is_found_after_the_listing_and_nothing_is_stopped(hub_factory):
+    hub = hub_of_idle_users(hub_factory, 6, scopes=READ_ONLY)
+    slow_scope_check(hub, 1.0)
+    result = run_cull(hub, "--api-page-size=2", "--json")
+    assert result.exit_code == 3
+    assert result.json["errors"] == ["the token lacks the scope(s) delete:servers needed to cull"]
+    assert hub.deletes() == []
+
+
+def test_a_listing_refused_for_lack_of_a_scope_names_the_scope(hub_factory):
+    hub = hub_of_idle_users(hub_factory, 2, scopes=CULLER_SCOPES[1:])  # no list:users
+    result = run_cull(hub)
+    assert result.exit_code == 3
+    assert "the token lacks the scope(s) list:users" in result.stderr
+    assert hub.deletes() == []
+
+
+def test_a_hub_before_1_3_that_refuses_the_state_filter_is_asked_again_without(hub_factory):
+    hub = idle_hub(hub_factory, version="1.2.2", paginate=False, scopes=None)
+    hub.add_fault(lambda r: r.kind == "list" and "state" in r.query, "status", code=400)
+    result = run_cull(hub)
+    assert result.exit_code == 0, result.stderr
+    assert hub.stops == [("idle", "")]
+    assert [r.query.get("state") for r in hub.requests if r.kind == "list"] == ["ready", None]
+
+
+def test_a_hub_from_1_3_whose_first_page_fails_exits_3(hub_factory):
+    hub = idle_hub(hub_factory, version="1.3.0", paginate=False, scopes=None)
+    hub.add_fault(lambda r: r.kind == "list", "status", code=400)
+    result = run_cull(hub)
+    assert result.exit_code == 3
+    assert "listing users" in result.stderr
+    assert hub.counts["list"] == 1 and hub.deletes() == []
