@@ -31,7 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, unquote, urlencode, urlsplit
 
 import click
 import requests
@@ -50,8 +50,11 @@ PAGINATION_MEDIA_TYPE = "application/jupyterhub-pagination+json"
 SERVER_SCOPES = ("list:users", "read:users:activity", "read:servers", "delete:servers")
 USER_SCOPES = ("delete:users",)
 GROUP_SCOPES = ("read:users:groups",)  # for group exclusions and rules
+LOOK_SCOPES = ("access:servers",)  # to look inside servers (--server-api-url)
 CLOCK_SKEW_WARNING = 60  # seconds
 RETRY_AFTER_CAP = 30  # seconds; a proxy asking for longer must not hang a cron job
+LOOK_TIMEOUT = 10  # seconds, at most, for a server's own API to answer a look
+PATH_CHARACTERS = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@%/]*")  # of a URL path, quoted
 
 
 # ---------------------------------------------------------------------------
@@ -114,6 +117,8 @@ class Policy:
     exclude_groups: frozenset[str] = frozenset()
     rules: tuple[Rule, ...] = ()
     warn_before: int = 0
+    keep_busy_kernels: int = 0  # 0: off; else keep while a busy kernel is silent for less
+    activity_source: str = "hub"  # "kernels": idle time from inside the server
 
     @property
     def needs_groups(self) -> bool:
@@ -138,6 +143,84 @@ class Verdict:
     age: float | None = None
     error: str | None = None  # set when the verdict is "keep" because something failed
     cull_in: float | None = None  # for an active server: seconds until a limit is reached
+    look: bool = False  # neither yet: what is inside the server can change it, look first
+    inside: Inside | None = None  # what the look saw, when one was made (or meant)
+
+
+@dataclass(frozen=True)
+class Inside:
+    """What a look inside a server (its own /api/kernels, /api/terminals) showed.
+
+    With `error` set the look failed (or was not sent) and nothing else is known.
+    """
+
+    kernels: int = 0
+    terminals: int | None = None  # None: not asked (only --activity-source=kernels asks)
+    busy: int = 0
+    silent: float | None = None  # seconds since the busy kernel heard from last did anything
+    idle: float | None = None  # seconds since any kernel or terminal (with none: the server) did
+    error: str | None = None
+
+
+def read_inside(
+    kernels: object, terminals: object, now: datetime, server_activity: object = None
+) -> Inside:
+    """Busy, silent and idle times from a server's kernel and terminal lists (`terminals` None:
+    not asked). `server_activity`, the server's own last_activity, counts only when it has no
+    kernel and no terminal. ValueError when a list or a time cannot be read: "could not see".
+    """
+    lists = {"kernel": kernels, "terminal": [] if terminals is None else terminals}
+    silences: dict[str, list[float]] = {"kernel": [], "terminal": [], "busy": []}
+    for what, items in lists.items():
+        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+            raise ValueError(f"the {what} list is not a list of {what}s")
+        for item in items:
+            silent = seconds_since(item.get("last_activity"), now)
+            if silent is None:
+                raise ValueError(f"a {what} has no readable last_activity")
+            silent = max(silent, 0.0)  # the server's clock may be a little ahead of `now`
+            silences[what].append(silent)
+            state = item.get("execution_state") if what == "kernel" else "idle"
+            if not isinstance(state, str):
+                raise ValueError("a kernel has no readable execution_state")
+            # "starting" (a kernel nobody ever connected to) can last forever: not busy.
+            if state == "busy":
+                silences["busy"].append(silent)
+    times = silences["kernel"] + silences["terminal"]
+    if not times and server_activity is not None:
+        idle = seconds_since(server_activity, now)
+        if idle is None:
+            raise ValueError("the server's last_activity cannot be read")
+        times = [max(idle, 0.0)]
+    return Inside(
+        kernels=len(kernels),
+        terminals=None if terminals is None else len(terminals),
+        busy=len(silences["busy"]),
+        silent=min(silences["busy"], default=None),
+        idle=min(times, default=None),
+    )
+
+
+def _seen_inside(
+    hub_idle: float | None, inside: Inside, policy: Policy
+) -> tuple[float | None, str]:
+    """The idle time to judge a server by after a look, and what the look saw, for the reason."""
+    if inside.error:
+        return hub_idle, f"no look inside ({inside.error}): the Hub's activity decides"
+    keep = policy.keep_busy_kernels
+    seen = f"{inside.kernels} kernel(s), {inside.busy} busy"
+    if inside.terminals is not None:
+        seen += f", {inside.terminals} terminal(s)"
+    if keep and inside.busy:
+        if inside.silent < keep:
+            return 0.0, f"{seen}, silent {inside.silent:.0f}s < keep-busy-kernels {keep}s"
+        seen += f": stuck, silent {inside.silent:.0f}s >= keep-busy-kernels {keep}s"
+    if policy.activity_source != "kernels" or inside.idle is None:
+        return hub_idle, seen
+    if inside.kernels or inside.terminals:
+        return inside.idle, f"{seen}: idle inside {inside.idle:.0f}s"
+    # Not the Hub's time: the looks themselves, through the proxy, move it every pass.
+    return inside.idle, f"{seen}: the server's own last_activity, {inside.idle:.0f}s ago"
 
 
 class ArbiterError(Exception):
@@ -159,47 +242,77 @@ def _ask_arbiter(arbiter, idle: float, limit: int, server: dict) -> tuple[bool, 
 
 
 def server_verdict(
-    name: str, server: dict, policy: Policy, now: datetime, groups: frozenset[str] = frozenset()
+    name: str,
+    server: dict,
+    policy: Policy,
+    now: datetime,
+    groups: frozenset[str] = frozenset(),
+    inside: Inside | None = None,
 ) -> Verdict:
-    """Should this server ("" is the default server) of a user in `groups` be stopped now?"""
+    """Should this server ("" is the default server) of a user in `groups` be stopped now?
+
+    With --keep-busy-kernels or --activity-source=kernels the answer can be "look first"
+    (`look`); asked again with what the look saw (`inside`), it is a verdict.
+    """
     if server.get("pending"):
-        return Verdict(False, f"pending {server['pending']}")
+        return Verdict(cull=False, reason=f"pending {server['pending']}")
     # Hubs before 0.9 had no "ready"; a URL meant the server was up. Anything but a real
     # true (a string "false", a 1) is a state we could not read.
     if server.get("ready", bool(server.get("url"))) is not True:
-        return Verdict(False, "not ready")
+        return Verdict(cull=False, reason="not ready")
     age = seconds_since(server.get("started"), now)
     activity = server.get("last_activity")
     # No activity yet means idle since it started; an unreadable one means "unknown".
     idle = age if activity is None else seconds_since(activity, now)
     if name and not policy.cull_named_servers:
-        return Verdict(False, "named servers are not culled", idle, age)
+        return Verdict(cull=False, reason="named servers are not culled", idle=idle, age=age)
     if not name and not policy.cull_default_servers:
-        return Verdict(False, "default servers are not culled", idle, age)
+        return Verdict(cull=False, reason="default servers are not culled", idle=idle, age=age)
     if idle is None and age is None:
-        return Verdict(False, "no readable last_activity or started")
+        return Verdict(cull=False, reason="no readable last_activity or started")
 
     timeout, max_age = policy.limits(groups, server)
+    old = bool(max_age) and age is not None and age >= max_age
+    look_first = Verdict(cull=False, reason="look inside first", idle=idle, age=age, look=True)
+    seen = ""
+    if inside is not None:
+        idle, seen = _seen_inside(idle, inside, policy)
+    elif policy.activity_source == "kernels" and not old and age is not None and age >= timeout:
+        return look_first  # a younger server cannot have been idle inside for the timeout
+    said = f"; {seen}" if seen else ""
     error = None
     if idle is not None and policy.arbiter is not None:
         if_idle, error = _ask_arbiter(policy.arbiter, idle, timeout, server)
-        if if_idle:
-            return Verdict(True, f"arbiter: cull (idle {idle:.0f}s)", idle, age)
-    elif idle is not None and idle >= timeout:
-        return Verdict(True, f"idle {idle:.0f}s >= timeout {timeout}s", idle, age)
-    if max_age and age is not None and age >= max_age:
-        return Verdict(True, f"age {age:.0f}s >= max-age {max_age}s", idle, age)
+        why = f"arbiter: cull (idle {idle:.0f}s)"
+    else:
+        if_idle = idle is not None and idle >= timeout
+        why = f"idle {idle:.0f}s >= timeout {timeout}s" if if_idle else ""
+    if if_idle and inside is None and policy.keep_busy_kernels and not old:
+        return look_first  # only a would-be stop for idleness is looked at
+    if if_idle:
+        return Verdict(cull=True, reason=why + said, idle=idle, age=age, inside=inside)
+    if old:
+        return Verdict(
+            cull=True, reason=f"age {age:.0f}s >= max-age {max_age}s", idle=idle, age=age
+        )
 
     if error:
-        return Verdict(False, "arbiter failed", idle, age, error)
+        return Verdict(
+            cull=False, reason="arbiter failed", idle=idle, age=age, error=error, inside=inside
+        )
     if idle is None:
-        return Verdict(False, "unreadable last_activity", idle, age)
+        return Verdict(
+            cull=False, reason="unreadable last_activity" + said, idle=idle, age=age, inside=inside
+        )
     # With an arbiter the idle limit is its call; the timeout is the best guess for a warning.
     cull_in = min(timeout - idle, max_age - age if max_age and age is not None else math.inf)
     if policy.arbiter is not None:
-        return Verdict(False, f"arbiter: keep (idle {idle:.0f}s)", idle, age, cull_in=cull_in)
-    reason = f"active: idle {idle:.0f}s < timeout {timeout}s"
-    return Verdict(False, reason, idle, age, cull_in=cull_in)
+        reason = f"arbiter: keep (idle {idle:.0f}s)"
+    else:
+        reason = f"active: idle {idle:.0f}s < timeout {timeout}s"
+    return Verdict(
+        cull=False, reason=reason + said, idle=idle, age=age, cull_in=cull_in, inside=inside
+    )
 
 
 def user_verdict(user: dict, policy: Policy, now: datetime) -> Verdict:
@@ -234,6 +347,7 @@ class UserPlan:
     delete: Verdict | None = None  # delete the user once every stop has finished
     kept: tuple[tuple[str | None, Verdict], ...] = ()  # what was left alone (None: the user)
     warn: tuple[tuple[str, Verdict], ...] = ()  # kept servers within --warn-before of a limit
+    look: tuple[str, ...] = ()  # look inside these servers, then plan this user again
 
     @property
     def actionable(self) -> bool:
@@ -257,8 +371,14 @@ def user_servers(user: dict) -> dict:
     return servers
 
 
-def plan_user(user: object, policy: Policy, now: datetime) -> UserPlan:
-    """Decide everything for one user model; ValueError when the model cannot be read."""
+def plan_user(
+    user: object, policy: Policy, now: datetime, insides: dict[str, Inside] | None = None
+) -> UserPlan:
+    """Decide everything for one user model; ValueError when the model cannot be read.
+
+    A plan with `look` decides nothing yet: plan again with what those looks saw (`insides`,
+    by server name).
+    """
     name = user.get("name") if isinstance(user, dict) else None
     if not isinstance(name, str) or not name:
         raise ValueError("user model without a name")
@@ -269,14 +389,19 @@ def plan_user(user: object, policy: Policy, now: datetime) -> UserPlan:
     servers = user_servers(user)
     if name in policy.exclude_users or groups & policy.exclude_groups:
         return UserPlan(name, kept=((None, Verdict(False, "excluded")),))
-    stops, kept = [], []
+    stops, kept, look = [], [], []
     for server_name, server in servers.items():
-        verdict = server_verdict(server_name, server, policy, now, groups)
-        if verdict.cull:
+        inside = (insides or {}).get(server_name)
+        verdict = server_verdict(server_name, server, policy, now, groups, inside)
+        if verdict.look:
+            look.append(server_name)
+        elif verdict.cull:
             remove = bool(server_name) and policy.remove_named_servers
             stops.append(Stop(server_name, remove, verdict))
         else:
             kept.append((server_name, verdict))
+    if look:
+        return UserPlan(name, look=tuple(look))
     # The Hub refuses (500) to delete a user while a named server runs: named ones go first.
     stops.sort(key=lambda stop: stop.server == "")
     warn = tuple(
@@ -321,6 +446,13 @@ def hub_version(version: object) -> tuple[int, int] | None:
     """(major, minor) of a JupyterHub version string; None when it cannot be read."""
     match = re.match(r"(\d+)\.(\d+)", version) if isinstance(version, str) else None
     return None if match is None else (int(match[1]), int(match[2]))
+
+
+def holds_unfiltered(identity: dict, scope: str) -> bool:
+    """Does the token hold `scope` for everyone (not only "!user=..." etc.)? Yes when the Hub
+    lists no scopes."""
+    scopes = identity.get("scopes") if isinstance(identity, dict) else None
+    return not isinstance(scopes, list) or scope in scopes
 
 
 def supports_state_filter(version: object) -> bool:
@@ -418,17 +550,8 @@ class HubClient:
     def _request(
         self, method: str, path: str, what: str, params: dict | None = None, **kwargs
     ) -> requests.Response:
-        url = self._wire_base + path + (f"?{urlencode(params)}" if params else "")
-        prepared = self.session.prepare_request(requests.Request(method, url, **kwargs))
-        prepared.url = url
-        try:
-            response = self.session.send(prepared, timeout=self.timeout, allow_redirects=False)
-        except requests.exceptions.RetryError as exc:
-            raise HubError(f"{what}: gave up after retries ({_cause(exc)})") from None
-        except requests.Timeout:
-            raise HubError(f"{what}: no answer within {self.timeout:g}s") from None
-        except requests.RequestException as exc:
-            raise HubError(f"{what}: {_cause(exc)}") from None
+        url = self._wire_base + path
+        response = _send(self.session, method, url, what, self.timeout, params, **kwargs)
         self._note_hub_date(response)
         return response
 
@@ -574,6 +697,105 @@ def _is_hub_404(response: requests.Response, messages: tuple) -> bool:
     return isinstance(body, dict) and body.get("status") == 404 and body.get("message") in messages
 
 
+class LookFailed(HubError):
+    """A look inside a server did not answer 200 JSON; `status` is the HTTP status, if any."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class ServerClient:
+    """Looks inside single-user servers (GET <server>/api/...) through the proxy.
+
+    It shares the Hub client's session: connection pools, retries, TLS settings and the token,
+    which a look needs. A look goes only to --server-api-url's scheme, host and port, never
+    follows a redirect, and is judged as the Hub's answers are.
+    """
+
+    def __init__(self, hub: HubClient, url: str, timeout: float):
+        self.session = hub.session
+        parts = urlsplit(url)
+        # As requests spells it (lower case, IDNA): looks are sent as built, like the Hub's.
+        self.origin = requests.Request("GET", f"{parts.scheme}://{parts.netloc}").prepare().url
+        self.origin = self.origin.rstrip("/")
+        self.timeout = timeout
+        # The session's proxies are the Hub's; the environment may say otherwise for this host.
+        self.proxies = requests.utils.get_environ_proxies(self.origin)
+
+    def api_url(self, server_url: object, endpoint: str) -> str:
+        """<server>/api/<endpoint> under --server-api-url, or LookFailed if that is unsafe."""
+        path = server_url if isinstance(server_url, str) else ""
+        parts = urlsplit(path)
+        segments = [unquote(segment) for segment in parts.path.split("/")]
+        # A full URL (another host), "//host/...", "..", a query, a character that is not
+        # quoted: not a server's own path.
+        if not path.startswith("/") or parts.netloc or not PATH_CHARACTERS.fullmatch(path):
+            raise LookFailed(f"the server's url {server_url!r:.100} is not a path")
+        if any(segment in (".", "..") for segment in segments):
+            raise LookFailed(f"the server's url {server_url!r:.100} climbs out of it")
+        url = f"{self.origin}{path.rstrip('/')}/api/{endpoint}"
+        if not url.startswith(self.origin + "/"):
+            raise LookFailed(f"the server's url {server_url!r:.100} leaves --server-api-url")
+        return url
+
+    def get(self, server_url: object, endpoint: str, what: str) -> tuple[object, datetime | None]:
+        """The JSON answer and the server's Date; LookFailed for anything but 200 JSON."""
+        response = _send(
+            self.session,
+            "GET",
+            self.api_url(server_url, endpoint),
+            what,
+            self.timeout,
+            # The server's own clock stays still; the proxy still counts the look as activity.
+            {"no_track_activity": "1"},
+            proxies=self.proxies,
+        )
+        if response.status_code != 200:
+            where = f" to {response.headers.get('Location', '?')[:100]}" * response.is_redirect
+            raise LookFailed(
+                f"{what}: HTTP {response.status_code}{where} {_message(response)}".rstrip(),
+                response.status_code,
+            )
+        try:
+            answer = response.json()
+        except ValueError:
+            raise LookFailed(f"{what}: the answer is not JSON", 200) from None
+        try:
+            date = parsedate_to_datetime(response.headers["Date"])
+        except (KeyError, TypeError, ValueError, IndexError):
+            date = None
+        return answer, date if date is not None and date.tzinfo is not None else None
+
+
+def _send(
+    session: requests.Session,
+    method: str,
+    url: str,
+    what: str,
+    timeout: float,
+    params: dict | None = None,
+    proxies: dict | None = None,
+    **kwargs,
+) -> requests.Response:
+    """One request, sent with the URL as built, redirects not followed; every failure a
+    HubError naming `what`."""
+    url += f"?{urlencode(params)}" if params else ""
+    # requests re-quotes a URL (turning %2E back into ".") and collapses "." and ".."
+    # segments: the request is prepared, then sent with the URL exactly as built.
+    prepared = session.prepare_request(requests.Request(method, url, **kwargs))
+    prepared.url = url
+    sending = {} if proxies is None else {"proxies": proxies}
+    try:
+        return session.send(prepared, timeout=timeout, allow_redirects=False, **sending)
+    except requests.exceptions.RetryError as exc:
+        raise HubError(f"{what}: gave up after retries ({_cause(exc)})") from None
+    except requests.Timeout:
+        raise HubError(f"{what}: no answer within {timeout:g}s") from None
+    except requests.RequestException as exc:
+        raise HubError(f"{what}: {_cause(exc)}") from None
+
+
 def _message(response: requests.Response) -> str:
     try:
         message = response.json().get("message")
@@ -621,7 +843,22 @@ class Outcome:
             "age_s": _round(self.verdict.age),
             "result": self.result,
             "error": self.error,
+            "inside": _inside_dict(self.verdict.inside),
         }
+
+
+def _inside_dict(inside: Inside | None) -> dict | None:
+    """What a look saw, for --json and the JSON logs; None when there was no look."""
+    if inside is None:
+        return None
+    return {
+        "kernels": None if inside.error else inside.kernels,
+        "terminals": inside.terminals,
+        "busy": None if inside.error else inside.busy,
+        "silent_s": _round(inside.silent),
+        "idle_s": _round(inside.idle),
+        "error": inside.error,
+    }
 
 
 def _round(seconds: float | None) -> float | None:
@@ -691,6 +928,7 @@ class PassSettings:
     notify_command: tuple[str, ...] = ()
     state_file: str | None = None
     report_kept: bool = False  # for --json: what was left alone, and why
+    dry_run_looks: bool = False  # a dry run sends the looks too (they count as activity)
 
 
 class Progress:
@@ -954,13 +1192,16 @@ def run_pass(
     settings: PassSettings,
     stop: threading.Event,
     progress: Progress | None = None,
+    looker: ServerClient | None = None,
 ) -> Report:
+    """One pass. `looker` is needed when the policy looks inside servers."""
     started = time.monotonic()
     progress = progress or Progress()
     report = Report(dry_run=settings.dry_run, kept=[] if settings.report_kept else None)
     gate = _Gate(stop, settings.max_runtime)
     plans: dict[str, UserPlan] = {}
     warnings: list[tuple[str, str, Verdict]] = []
+    waiting: list[tuple[dict, tuple[str, ...]]] = []  # users to plan again after looking inside
     with (
         _arbiter_on_a_loop(policy, client.timeout, gate) as policy,
         ThreadPoolExecutor(settings.concurrency, thread_name_prefix="idle-cull") as pool,
@@ -973,7 +1214,8 @@ def run_pass(
             # before the check has passed.
             first_page = pool.submit(client.list_users, "ready", 0, settings.page_size)
             version = client.info().get("version")
-            check = pool.submit(_check_hub, client, policy, settings.dry_run, version)
+            looks = looker is not None
+            check = pool.submit(_check_hub, client, policy, settings, version, looks)
             states = _states(version, policy)
             now = client.now()
             _warn_on_skew(client)
@@ -991,12 +1233,12 @@ def run_pass(
                             progress.start(f"Listing users ({state or 'all'})", total)
                         progress.advance(len(page))
                         report.users_scanned += len(page)
-                        _plan_page(page, policy, now, plans, warnings, report)
+                        _plan_page(page, policy, now, plans, warnings, waiting, report)
                 except HubError as exc:
                     if index == 0:
                         raise
                     report.errors.append(str(exc))
-            check.result()
+            identity = check.result()
         except HubError as exc:
             report.fatal = _failed_check(check) or str(exc)
         except GroupsHidden as exc:
@@ -1005,6 +1247,16 @@ def run_pass(
                 "need the read:users:groups scope"
             )
         progress.finish()
+        if waiting and not report.fatal:
+            looked = _look_inside_all(looker, waiting, policy, settings, gate, pool, now, report)
+            refused_is_fatal = holds_unfiltered(identity, "access:servers")
+            if looked.sent and looked.refused == looked.sent and refused_is_fatal:
+                report.fatal = (
+                    f"every look inside a server ({looked.sent}) was refused (403): the token "
+                    "needs the access:servers scope, and the servers must accept it"
+                )
+            for plan in looked.plans:
+                _take_plan(plan, plans, warnings, report)
         if report.fatal:
             plans.clear()  # nothing is done on a partial or blind view of the Hub
         if plans:
@@ -1053,11 +1305,15 @@ def _carry_out_all(
         future.result()
 
 
-def _check_hub(client: HubClient, policy: Policy, dry_run: bool, version: object) -> None:
+def _check_hub(
+    client: HubClient, policy: Policy, settings: PassSettings, version: object, looks: bool
+) -> dict:
+    """The token's own model, once it is known to hold every scope the pass needs ({} on a
+    Hub without scopes)."""
     if not has_scopes(version):
         # Before 2.0 a service token cannot even read its own model (GET /user fails).
         log.info("JupyterHub %s has no scopes: the token's permissions are not checked", version)
-        return
+        return {}
     if hub_version(version) is None:
         log.warning(
             "cannot read the Hub's version (%.40r): checking the token's scopes as on "
@@ -1066,14 +1322,20 @@ def _check_hub(client: HubClient, policy: Policy, dry_run: bool, version: object
         )
     needed = SERVER_SCOPES + (USER_SCOPES if policy.cull_users else ())
     needed += GROUP_SCOPES if policy.needs_groups else ()
-    missing = missing_scopes(client.identity(), needed)
-    if dry_run:
-        # A dry run sends no DELETE, so a read-only token may preview; say what a real run lacks.
-        if deletes := [s for s in missing if s.startswith("delete:")]:
-            log.warning("the token lacks %s: a real run would fail", ", ".join(deletes))
-        missing = [s for s in missing if not s.startswith("delete:")]
+    needed += LOOK_SCOPES if looks else ()
+    identity = client.identity()
+    missing = missing_scopes(identity, needed)
+    if settings.dry_run:
+        # A dry run sends no DELETE (and no look unless asked), so a read-only token may
+        # preview; say what a real run lacks.
+        unused = [s for s in missing if s.startswith("delete:")]
+        unused += [] if settings.dry_run_looks else [s for s in missing if s in LOOK_SCOPES]
+        if unused:
+            log.warning("the token lacks %s: a real run would fail", ", ".join(unused))
+        missing = [s for s in missing if s not in unused]
     if missing:
         raise HubError(f"the token lacks the scope(s) {', '.join(missing)} needed to cull")
+    return identity
 
 
 def _failed_check(check: Future | None) -> str | None:
@@ -1114,7 +1376,13 @@ def _warn_on_skew(client: HubClient) -> None:
 
 
 def _plan_page(
-    page: list, policy: Policy, now: datetime, plans: dict, warnings: list, report: Report
+    page: list,
+    policy: Policy,
+    now: datetime,
+    plans: dict,
+    warnings: list,
+    waiting: list,
+    report: Report,
 ) -> None:
     for user in page:
         try:
@@ -1124,27 +1392,142 @@ def _plan_page(
             report.errors.append(f"user {name or '?'}: unreadable model ({exc}); left alone")
             log.error("user %s: unreadable model (%s); left alone", name or "?", exc)
             continue
-        for server, verdict in plan.kept:
-            if verdict.error:
-                message = f"user {plan.user}{_server_suffix(server)}: {verdict.error}; kept"
-                report.errors.append(message)
-                log.error("%s", message)
-            else:
-                log.debug("keep user %s%s: %s", plan.user, _server_suffix(server), verdict.reason)
-            if report.kept is not None:
-                report.kept.append(
-                    {
-                        "user": plan.user,
-                        "server": server,  # None: the user, not deleted
-                        "reason": verdict.error or verdict.reason,
-                        "idle_s": _round(verdict.idle),
-                        "age_s": _round(verdict.age),
-                    }
-                )
-        warnings.extend((plan.user, server, verdict) for server, verdict in plan.warn)
-        # The same user can show up twice when offsets shift between pages; act once.
-        if plan.actionable and plan.user not in plans:
-            plans[plan.user] = replace(plan, kept=(), warn=())
+        if plan.look:
+            waiting.append((user, plan.look))
+        else:
+            _take_plan(plan, plans, warnings, report)
+
+
+def _take_plan(plan: UserPlan, plans: dict, warnings: list, report: Report) -> None:
+    """Report what a user's plan keeps, note its warnings, and queue its actions."""
+    for server, verdict in plan.kept:
+        if verdict.error:
+            message = f"user {plan.user}{_server_suffix(server)}: {verdict.error}; kept"
+            report.errors.append(message)
+            log.error("%s", message)
+        else:
+            log.debug("keep user %s%s: %s", plan.user, _server_suffix(server), verdict.reason)
+        if report.kept is not None:
+            report.kept.append(
+                {
+                    "user": plan.user,
+                    "server": server,  # None: the user, not deleted
+                    "reason": verdict.error or verdict.reason,
+                    "idle_s": _round(verdict.idle),
+                    "age_s": _round(verdict.age),
+                    "inside": _inside_dict(verdict.inside),
+                }
+            )
+    warnings.extend((plan.user, server, verdict) for server, verdict in plan.warn)
+    # The same user can show up twice when offsets shift between pages; act once.
+    if plan.actionable and plan.user not in plans:
+        plans[plan.user] = replace(plan, kept=(), warn=())
+
+
+@dataclass
+class Looked:
+    plans: list[UserPlan]  # the waiting users, planned again with what was seen
+    sent: int = 0  # looks sent
+    refused: int = 0  # of those, answered 403
+
+
+def _look_inside_all(
+    looker: ServerClient,
+    waiting: list[tuple[dict, tuple[str, ...]]],
+    policy: Policy,
+    settings: PassSettings,
+    gate: _Gate,
+    pool: ThreadPoolExecutor,
+    now: datetime,
+    report: Report,
+) -> Looked:
+    """Look inside the servers the plans wait for, `concurrency` at a time, then plan again.
+
+    All looks end before any action starts: looks refused everywhere then change nothing.
+    """
+    jobs = [(user, server) for user, servers in waiting for server in servers]
+
+    def look(job: tuple[dict, str]) -> tuple[Inside, int | None]:
+        user, server = job
+        where = f"user={user['name']} server={server or '(default)'}"
+        if reason := gate.why_closed():
+            return Inside(error=f"not sent: {reason}"), None
+        if settings.dry_run and not settings.dry_run_looks:
+            url = _look_url(looker, user_servers(user)[server])
+            log.info(
+                "would look inside %s (GET %s; not sent in a dry run, --dry-run-looks sends it): "
+                "%s",
+                where,
+                url,
+                _what_looks_decide(policy),
+            )
+            return Inside(error="not sent in a dry run"), None
+        model = user_servers(user)[server]
+        inside, status = _look_inside(looker, policy, user["name"], server, model, now)
+        if inside.error:
+            log.warning(
+                "could not look inside %s: %s; the Hub's verdict stands", where, inside.error
+            )
+        return inside, status
+
+    looked = Looked(plans=[])
+    insides: dict[str, dict[str, Inside]] = {}
+    for (user, server), (inside, status) in zip(jobs, pool.map(look, jobs), strict=True):
+        insides.setdefault(user["name"], {})[server] = inside
+        looked.sent += status is not None
+        looked.refused += status == 403
+    for user, _ in waiting:
+        looked.plans.append(plan_user(user, policy, now, insides[user["name"]]))
+    return looked
+
+
+def _look_url(looker: ServerClient, server: dict) -> str:
+    try:
+        return looker.api_url(server.get("url"), "kernels")
+    except LookFailed as exc:
+        return f"(none: {exc})"
+
+
+def _what_looks_decide(policy: Policy) -> str:
+    """What a look would decide, for a dry run that does not send it."""
+    said = []
+    if policy.activity_source == "kernels":
+        said.append("idle time from its kernels and terminals")
+    if policy.keep_busy_kernels:
+        said.append(f"kept while a kernel is busy and silent < {policy.keep_busy_kernels}s")
+    return "; ".join(said)
+
+
+def _look_inside(
+    looker: ServerClient, policy: Policy, user: str, server_name: str, server: dict, now: datetime
+) -> tuple[Inside, int | None]:
+    """What one server's own API shows (an Inside with `error` when it cannot be seen), and the
+    HTTP status of the first answer that was not 200 JSON (200 when all were, None if none)."""
+    what = f"looking inside {user}{_server_suffix(server_name)}"
+    url = server.get("url")
+    terminals = activity = None
+    try:
+        kernels, date = looker.get(url, "kernels", what)
+        if policy.activity_source == "kernels":
+            try:
+                terminals, _ = looker.get(url, "terminals", what)
+            except LookFailed as exc:
+                if exc.status != 404:  # 404: terminals are turned off on that server
+                    raise
+                terminals = []
+            if kernels == [] and terminals == []:
+                status, _ = looker.get(url, "status", what)
+                activity = status.get("last_activity") if isinstance(status, dict) else None
+                if activity is None:
+                    raise ValueError("its /api/status has no last_activity")
+        # The server's own Date: its times are judged by its clock (whole seconds, truncated).
+        return read_inside(kernels, terminals, date or now, activity), 200
+    except LookFailed as exc:
+        return Inside(error=str(exc)), exc.status
+    except HubError as exc:
+        return Inside(error=str(exc)), 0
+    except ValueError as exc:
+        return Inside(error=f"{what}: unreadable answer: {exc}"), 200
 
 
 def _server_suffix(server: str | None) -> str:
@@ -1376,7 +1759,7 @@ def redact(text: str, secret: str) -> str:
     return text.replace(secret, "[token]").replace(json.dumps(secret)[1:-1], "[token]")
 
 
-JSON_LOG_FIELDS = ("user", "server", "reason", "idle_s", "age_s")
+JSON_LOG_FIELDS = ("user", "server", "reason", "idle_s", "age_s", "inside")
 
 
 class _Formatter(logging.Formatter):
@@ -1428,6 +1811,7 @@ BOOLEAN_OPTIONS = (
     "dry-run",
     "json",
     "insecure",
+    "dry-run-looks",
 )
 _TRUE, _FALSE = {"true", "1", "yes", "y", "on", "t"}, {"false", "0", "no", "n", "off", "f"}
 
@@ -1650,6 +2034,22 @@ def _check_url(_ctx, _param, value: str) -> str:
         usable = False
     if not usable:
         raise click.BadParameter(f"{value!r} is not an http(s) URL like {DEFAULT_URL}")
+    return value
+
+
+def _check_server_api_url(_ctx, _param, value: str | None) -> str | None:
+    if not value:
+        return None
+    try:
+        parts = urlsplit(value)
+        usable = parts.scheme in ("http", "https") and parts.hostname and parts.port != 0
+    except ValueError:
+        usable = False
+    # Each server's url from the Hub is the whole path (the Hub's base_url included).
+    if not usable or parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise click.BadParameter(
+            f"{value!r} is not the proxy's address alone, like http://proxy-public"
+        )
     return value
 
 
@@ -1895,11 +2295,23 @@ def _check_outputs(metrics_file, pushgateway, warn_before, notify_command, state
                    "server=dict) -> bool, or an async one; it replaces the idle-timeout test.")
 @click.option("--clock", type=click.Choice(["hub", "local"]), default="hub", show_default=True,
               help="Whose clock decides idle times: the Hub's (from its Date header) or ours.")
+@click.option("--server-api-url", callback=_check_server_api_url, metavar="URL",
+              help="The proxy's address as idle-cull reaches it (e.g. http://proxy-public), "
+                   "to look inside servers (needs the access:servers scope).")
+@click.option("--keep-busy-kernels", type=_duration(), default=0, show_default=True,
+              help="Look inside a server before stopping it for idleness; keep it while a "
+                   "kernel is busy and silent for less than this many seconds (0: off).")
+@click.option("--activity-source", type=click.Choice(["hub", "kernels"]), default="hub",
+              show_default=True,
+              help="Idle time from the Hub's last_activity, or from inside the server: its "
+                   "kernels and terminals (browser tabs and pings do not count).")
 @click.option("--lock-file", type=click.Path(dir_okay=False),
               help="Skip the pass (exit 0) when another pass holds this lock.")
 @click.option("--max-runtime", type=_duration(), default=0, show_default=True,
               help="Start no new action after this many seconds; exit 1 (0: no limit).")
 @click.option("--dry-run/--no-dry-run", default=False, help="Decide and report; change nothing.")
+@click.option("--dry-run-looks/--no-dry-run-looks", default=False,
+              help="With --dry-run, still look inside servers (a look counts as activity).")
 @click.option("--json/--no-json", "as_json", default=False,
               help="Print a JSON report of each pass on stdout.")
 @click.option("--metrics-file", type=click.Path(dir_okay=False),
@@ -1915,8 +2327,9 @@ def main(ctx, url, api_token_file, timeout, max_age, cull_every, cull_users, use
          cull_admin_users, cull_default_servers, cull_named_servers, remove_named_servers,
          exclude_user, exclude_group, wait_for_stop, warn_before, notify_command, state_file,
          concurrency, api_page_size, request_timeout, retries, ssl_enabled,
-         internal_certs_location, ca_bundle, insecure, arbiter, clock, lock_file, max_runtime,
-         dry_run, as_json, metrics_file, pushgateway, log_level, log_format):
+         internal_certs_location, ca_bundle, insecure, arbiter, clock, server_api_url,
+         keep_busy_kernels, activity_source, lock_file, max_runtime, dry_run, dry_run_looks,
+         as_json, metrics_file, pushgateway, log_level, log_format):
     # fmt: on
     """Stop idle or over-age JupyterHub servers (and, if asked, delete idle users).
 
@@ -1925,6 +2338,10 @@ def main(ctx, url, api_token_file, timeout, max_age, cull_every, cull_users, use
     token = _read_token(api_token_file)
     verify, cert = _tls(ssl_enabled, internal_certs_location, ca_bundle, insecure)
     _check_outputs(metrics_file, pushgateway, warn_before, notify_command, state_file)
+    if (keep_busy_kernels or activity_source == "kernels") and not server_api_url:
+        raise click.UsageError(
+            "--keep-busy-kernels and --activity-source=kernels need --server-api-url"
+        )
     _setup_logging(log_level, log_format, token)
     if found := ctx.meta.get("idle_cull.found_config"):
         log.info("read the config file %s (found in the working directory)", found)
@@ -1935,16 +2352,25 @@ def main(ctx, url, api_token_file, timeout, max_age, cull_every, cull_users, use
     if insecure:
         urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
     policy = Policy(
-        timeout, max_age, cull_users, cull_admin_users, cull_default_servers, cull_named_servers,
-        remove_named_servers, arbiter, user_timeout, frozenset(exclude_user),
-        frozenset(exclude_group), ctx.meta.get("idle_cull.rules", ()), warn_before,
+        timeout=timeout, max_age=max_age, cull_users=cull_users,
+        cull_admin_users=cull_admin_users, cull_default_servers=cull_default_servers,
+        cull_named_servers=cull_named_servers, remove_named_servers=remove_named_servers,
+        arbiter=arbiter, user_timeout=user_timeout, exclude_users=frozenset(exclude_user),
+        exclude_groups=frozenset(exclude_group), rules=ctx.meta.get("idle_cull.rules", ()),
+        warn_before=warn_before, keep_busy_kernels=keep_busy_kernels,
+        activity_source=activity_source,
     )
     settings = PassSettings(
-        concurrency, api_page_size, dry_run, max_runtime, wait_for_stop,
-        tuple(shlex.split(notify_command or "")), state_file, as_json,
+        concurrency=concurrency, page_size=api_page_size, dry_run=dry_run,
+        max_runtime=max_runtime, wait_for_stop=wait_for_stop,
+        notify_command=tuple(shlex.split(notify_command or "")), state_file=state_file,
+        report_kept=as_json, dry_run_looks=dry_run_looks,
     )
     client = HubClient(url, token, concurrency=concurrency, request_timeout=request_timeout,
                        retries=retries, verify=verify, cert=cert, hub_clock=clock == "hub")
+    looker = None
+    if server_api_url:
+        looker = ServerClient(client, server_api_url, min(request_timeout, LOOK_TIMEOUT))
     on_terminal = sys.stderr.isatty()
     stop = threading.Event()
     with _exclusive(lock_file) as acquired, _stop_on_signals(stop), contextlib.closing(client):
@@ -1955,7 +2381,7 @@ def main(ctx, url, api_token_file, timeout, max_age, cull_every, cull_users, use
             if insecure:
                 log.warning("TLS verification is off (--insecure)")
             report = run_pass(client, policy, settings, stop,
-                              _TerminalProgress() if on_terminal else None)
+                              _TerminalProgress() if on_terminal else None, looker=looker)
             log.log(
                 _summary_level(report),
                 "%s",

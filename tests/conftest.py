@@ -55,8 +55,8 @@ def captured(monkeypatch):
 
     seen = {}
 
-    def fake_pass(client, policy, settings, stop, progress=None):
-        seen.update(policy=policy, settings=settings, client=client)
+    def fake_pass(client, policy, settings, stop, progress=None, looker=None):
+        seen.update(policy=policy, settings=settings, client=client, looker=looker)
         return idle_cull.Report()
 
     monkeypatch.setattr(idle_cull, "run_pass", fake_pass)

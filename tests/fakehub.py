@@ -19,6 +19,9 @@ Endpoints
     DELETE /hub/api/users/{name}/server      stop the default server
     DELETE /hub/api/users/{name}/servers/{s} stop a named server; body {"remove": true} deletes it
     DELETE /hub/api/users/{name}             delete a user
+    GET    /user/{name}[/{server}]/api/{kernels,terminals,status}
+                                             a server's own API, as the proxy passes it on
+                                             (needs access:servers, or access:servers!user=NAME)
 
 Behaviour worth knowing when writing tests
 - Listings show only *active* servers (running, pending or stopping), as the Hub does. A stopped
@@ -44,6 +47,12 @@ Behaviour worth knowing when writing tests
   server; a path no route matches is the Hub's JSON 404 "Not Found"). Errors have the Hub's
   messages, e.g. 404 "Not Found" for an unknown user and "alice has no server named 'x'".
 - 204 answers carry no Content-Length (RFC 9110), every other answer does.
+
+A server's own API (for looks inside, as through the proxy): ``hub.set_inside(user, server,
+kernels=[kernel("busy", 30)], terminals=[...], last_activity=iso(...))`` sets what it shows;
+unset, a ready server shows no kernels and no terminals, and its `started` as last_activity.
+A path of a server that is not running is answered like the proxy and the Hub do: by the
+user's default server if it runs (404 HTML), else with a redirect to /hub/user/... (302).
 
 Recording: ``hub.requests`` (list of Request, each with its ``received`` monotonic time),
 ``hub.counts`` (Counter by Request.kind), ``hub.peak_in_flight``, ``hub.deletes()``,
@@ -74,6 +83,7 @@ of the Hub; the other kinds change an otherwise normal answer.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import ssl
@@ -88,7 +98,7 @@ from email.message import Message
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, unquote, unquote_to_bytes, urlencode
+from urllib.parse import parse_qs, quote, unquote, unquote_to_bytes, urlencode
 
 PAGINATION_MEDIA_TYPE = "application/jupyterhub-pagination+json"
 
@@ -122,6 +132,7 @@ FAULT_KINDS = {
 _TRANSPORT_FAULTS = {"status", "hang", "drop", "malformed"}
 
 _DEFAULT = object()
+_kernel_ids = itertools.count()
 
 
 def fmt(dt: datetime) -> str:
@@ -132,6 +143,20 @@ def fmt(dt: datetime) -> str:
 def iso(seconds_ago: float = 0.0, skew: float = 0.0) -> str:
     """Timestamp `seconds_ago` before now (on a clock `skew` seconds ahead of the local one)."""
     return fmt(datetime.fromtimestamp(time.time() + skew - seconds_ago, UTC))
+
+
+def kernel(state: str = "idle", seconds_ago: float = 0.0, **extra: Any) -> dict:
+    """A kernel as a server's /api/kernels lists it: `state` busy, idle or starting, last
+    active `seconds_ago`."""
+    model = {
+        "id": f"k{next(_kernel_ids)}",
+        "name": "python3",
+        "last_activity": iso(seconds_ago),
+        "execution_state": state,
+        "connections": 0,
+    }
+    model.update(extra)
+    return model
 
 
 def server(
@@ -164,6 +189,12 @@ def server(
         model["_stop_after"] = stop_after
     model.update(extra)
     return model
+
+
+def server_url(user: str, server: str = "") -> str:
+    """The server model's `url`, quoted as the Hub quotes it (its base_url being /)."""
+    path = f"/user/{quote(user, safe='@~')}/"
+    return path + (f"{quote(server, safe='@~')}/" if server else "")
 
 
 def BAD_USER_MODEL(name: str) -> dict:  # noqa: N802 - reads as a constant in tests
@@ -203,7 +234,7 @@ class Request:
     raw_query: str
     body: bytes
     headers: Message  # case-insensitive: headers.get("Authorization")
-    kind: str = "other"  # info, whoami, list, get_user, stop, delete_user, other
+    kind: str = "other"  # info, whoami, list, get_user, stop, delete_user, look, other
     route_args: list[str] = field(default_factory=list)  # the route's groups, still encoded
     received: float = 0.0  # time.monotonic() when the request had been read
 
@@ -299,6 +330,7 @@ class FakeHub:
         self.faults: list[Fault] = []
         self.in_flight = 0
         self.peak_in_flight = 0
+        self.insides: dict[tuple[str, str], dict] = {}  # (user, server) -> its own API's answers
 
         self._lock = threading.RLock()
         self._closing = threading.Event()
@@ -385,6 +417,8 @@ class FakeHub:
             for server_name, srv in servers.items():
                 srv = dict(srv)
                 srv["name"] = server_name
+                if srv.get("url") == "/user/x/":  # server()'s default: where the proxy has it
+                    srv["url"] = server_url(name, server_name)
                 stop_after = srv.pop("_stop_after", None)
                 if stop_after is not None:
                     self._slow[(name, server_name)] = stop_after
@@ -399,6 +433,23 @@ class FakeHub:
         """Add `count` users named prefix0, prefix1, ... with the same settings (bench)."""
         for i in range(count):
             self.add_user(f"{prefix}{i}", **kwargs)
+
+    def set_inside(
+        self,
+        user: str,
+        server: str = "",
+        kernels: list[dict] | None = None,
+        terminals: list[dict] | None = None,
+        last_activity: str | None = None,
+    ) -> None:
+        """What the server's own API answers: kernel and terminal lists, and the
+        last_activity of /api/status (default: when the server started)."""
+        with self._lock:
+            self.insides[(user, server)] = {
+                "kernels": list(kernels or []),
+                "terminals": list(terminals or []),
+                "last_activity": last_activity,
+            }
 
     def server_names(self) -> set[tuple[str, str]]:
         """(user, server) of every active server now."""
@@ -454,6 +505,7 @@ class FakeHub:
             self._stopped_named.clear()
             self._slow.clear()
             self._stopping.clear()
+            self.insides.clear()
             self._generation += 1
 
     def clear_requests(self) -> None:
@@ -640,6 +692,39 @@ class FakeHub:
             "_pagination": {"offset": offset, "limit": limit, "total": len(names), "next": nxt},
         }
 
+    def _server_api(self, req: Request) -> tuple[int, bytes, dict]:
+        """A server's own /api/kernels, /api/terminals or /api/status: (status, body, headers)."""
+        name = req.user
+        server_name = req.server if len(req.route_args) == 3 else ""
+        user = self.users.get(name)
+        running = user["servers"] if user else {}
+        if server_name not in running:
+            if "" in running:  # the proxy's longest match: the user's default server
+                return (
+                    404,
+                    b"<html><title>404: Not Found</title></html>",
+                    {"Content-Type": "text/html"},
+                )
+            return 302, b"", {"Location": f"/hub{req.raw_path}"}
+        scopes = set(self.scopes) if self.scopes is not None else {"access:servers"}
+        allowed = {"access:servers", f"access:servers!user={name}"}
+        allowed.add(f"access:servers!server={name}/{server_name}")
+        if not scopes & allowed:
+            return 403, json.dumps({"message": "Forbidden", "reason": None}).encode(), {}
+        server = running[server_name]
+        inside = self.insides.get((name, server_name)) or {"kernels": [], "terminals": []}
+        endpoint = req.route_args[-1]
+        if endpoint == "status":
+            body: Any = {
+                "connections": 0,
+                "kernels": len(inside["kernels"]),
+                "last_activity": inside.get("last_activity") or server.get("started"),
+                "started": server.get("started"),
+            }
+        else:
+            body = inside[endpoint]
+        return 200, json.dumps(body).encode(), {}
+
     def _route(self, req: Request, host: str) -> tuple[int, Any]:
         """Handle an authenticated request: (status, JSON-able body or None)."""
         if req.kind == "whoami":
@@ -684,6 +769,9 @@ _ROUTES = [
     ("DELETE", re.compile(r"/hub/api/users/([^/]+)"), "delete_user"),
     ("DELETE", re.compile(r"/hub/api/users/([^/]+)/server"), "stop"),
     ("DELETE", re.compile(r"/hub/api/users/([^/]+)/servers/([^/]*)"), "stop"),
+    # Not the Hub's: a server's own API as the proxy passes it on (FakeHub._server_api).
+    ("GET", re.compile(r"/user/([^/]+)/api/(kernels|terminals|status)"), "look"),
+    ("GET", re.compile(r"/user/([^/]+)/([^/]+)/api/(kernels|terminals|status)"), "look"),
 ]
 
 
@@ -735,7 +823,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(key, str(value))
         if status != 204:
             raw = raw or b""
-            self.send_header("Content-Type", "application/json" if raw else "text/plain")
+            if "Content-Type" not in (headers or {}):
+                self.send_header("Content-Type", "application/json" if raw else "text/plain")
             self.send_header("Content-Length", str(len(raw)))
         self.end_headers()
         if raw and status != 204:
@@ -828,6 +917,10 @@ class _Handler(BaseHTTPRequestHandler):
         auth = (req.headers.get("Authorization") or "").split(None, 1)
         if len(auth) != 2 or auth[0].lower() not in ("token", "bearer") or auth[1] != hub.token:
             return self._error(403, "Missing or invalid credentials.")
+        if req.kind == "look":
+            with hub._lock:
+                status, raw, headers = hub._server_api(req)
+            return self._send(status, raw=raw, headers=headers)
         try:
             with hub._lock:
                 status, body = hub._route(req, self.headers.get("Host") or "")
