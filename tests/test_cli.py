@@ -576,6 +576,37 @@ def test_runs_as_a_module_and_as_a_script(fake_hub):
     assert proc.returncode == 0 and proc.stdout.startswith("idle-cull, version")
 
 
+def test_python_m_idle_cull_help(tmp_path):
+    """Upstream's test_help, with the module name changed: exit 0, and every upstream option."""
+    done = subprocess.run(
+        [sys.executable, "-m", "idle_cull", "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Usage: idle-cull [OPTIONS]")
+    assert done.stderr == ""
+    for option in (
+        "--url",
+        "--timeout",
+        "--max-age",
+        "--cull-every",
+        "--cull-users",
+        "--cull-admin-users",
+        "--cull-default-servers",
+        "--cull-named-servers",
+        "--remove-named-servers",
+        "--concurrency",
+        "--api-page-size",
+        "--ssl-enabled",
+        "--internal-certs-location",
+        "--config",
+    ):
+        assert f"\n  {option} " in done.stdout, option
+
+
 def _wait_for(condition, seconds=20):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:

@@ -345,6 +345,58 @@ def test_arbiter_decides(hub, tmp_path, verdict):
     assert hub.snapshot() == {"idle": left, "active": left}
 
 
+# -- upstream's own cases (jupyterhub-idle-culler 2.0.0, tests/test_idle_culler.py) -----------
+
+
+def test_upstream_cull_idle_only_after_the_time_limit(hub):
+    """Three servers: none culled before the limit, all once they have been idle past it."""
+    users = ["test-0", "test-1", "test-2"]
+    limit = 2 * TIMEOUT  # room for a slow start before the first pass
+    started = time.monotonic()
+    hub.create_users(*users)
+    for user in users:
+        hub.start_server(user)
+
+    early = cull(hub, f"--timeout={limit}")
+    assert time.monotonic() - started < limit  # else this pass proved nothing
+
+    assert actions(early) == set()
+    assert hub.snapshot() == {user: {"": "ready"} for user in users}
+    time.sleep(limit + IDLE_AFTER - TIMEOUT)
+
+    late = cull(hub, f"--timeout={limit}")
+
+    assert actions(late) == {("stop", user, "", "done") for user in users}
+    assert hub.snapshot() == {user: {} for user in users}
+
+
+def test_upstream_custom_arbiters_sync_yes_and_async_no(hub, tmp_path):
+    """Upstream's arbiter cases, with no time passed: an async arbiter that says no culls
+    nothing, a sync one that says yes culls every server."""
+    (tmp_path / "upstream_arbiters.py").write_text(
+        "def cull_arbiter_function(inactive, inactive_limit, server):\n"
+        "    return True\n"
+        "\n"
+        "async def async_cull_arbiter_function(inactive, inactive_limit, server):\n"
+        "    return False\n"
+    )
+    users = ["test-0", "test-1", "test-2"]
+    hub.create_users(*users)
+    for user in users:
+        hub.start_server(user)
+    env = {"PYTHONPATH": str(tmp_path)}
+
+    no = cull(hub, "--arbiter=upstream_arbiters:async_cull_arbiter_function", env=env)
+
+    assert actions(no) == set()
+    assert hub.snapshot() == {user: {"": "ready"} for user in users}
+
+    yes = cull(hub, "--arbiter=upstream_arbiters:cull_arbiter_function", env=env)
+
+    assert actions(yes) == {("stop", user, "", "done") for user in users}
+    assert hub.snapshot() == {user: {} for user in users}
+
+
 # -- how it is run ----------------------------------------------------------------------------
 
 
