@@ -25,8 +25,11 @@ import time
 import tomllib
 from pathlib import Path
 
+import jsonschema
+import jupyterhub.scopes
 import kubernetes_validate
 import pytest
+import realhub
 import yaml
 from conftest import REPO, TOKEN, cannot_run, require_tools
 from fakehub import server
@@ -38,6 +41,7 @@ pytestmark = pytest.mark.schedulers
 SYSTEMD = REPO / "systemd"
 CRON = REPO / "examples" / "cron"
 K8S = REPO / "examples" / "kubernetes"
+Z2JH = REPO / "examples" / "zero-to-jupyterhub"
 # Where the README installs idle-cull; the tests use the console script of this venv instead.
 INSTALLED = "/opt/idle-cull/venv/bin/idle-cull"
 IDLE_CULL = Path(sys.executable).with_name("idle-cull")  # console script of `pip install -e .`
@@ -511,15 +515,17 @@ def test_cron_toml_settings_are_known():
 # ---- Kubernetes ---------------------------------------------------------------------------
 
 
-def manifests() -> list[dict]:
+def manifests(folder: Path = K8S) -> list[dict]:
+    """The Kubernetes objects in a folder's YAML files (Helm values files are not objects)."""
     docs = []
-    for path in sorted(K8S.glob("*.yaml")):
-        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    for path in sorted(folder.glob("*.yaml")):
+        if path.name != "values.yaml":
+            docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
     return docs
 
 
-def cronjob() -> dict:
-    (job,) = [d for d in manifests() if d["kind"] == "CronJob"]
+def cronjob(folder: Path = K8S) -> dict:
+    (job,) = [d for d in manifests(folder) if d["kind"] == "CronJob"]
     return job
 
 
@@ -587,25 +593,42 @@ def dockerfile() -> dict[str, list[str]]:
     return instructions
 
 
-def test_kubernetes_container_command_culls_with_the_mounted_secret(hub, tmp_path):
+def secret_volume(job: dict, token: str, tmp_path: Path) -> tuple[Path, str]:
+    """The container's Secret volume as the kubelet lays it out, in a temporary folder: the
+    token in each file the volume shows (each key of the shipped Secret, or each item's path),
+    with mode defaultMode and, as root, group fsGroup. Returns the folder and the mount path."""
+    pod = pod_spec(job)
+    (container,) = pod["containers"]
+    (mount,) = container["volumeMounts"]
+    secret = {v["name"]: v for v in pod["volumes"]}[mount["name"]]["secret"]
+    if "items" in secret:
+        files = [item["path"] for item in secret["items"]]
+    else:
+        shipped = [d for d in manifests() if d["kind"] == "Secret"]
+        (keys,) = [
+            d["stringData"] for d in shipped if d["metadata"]["name"] == secret["secretName"]
+        ]
+        files = list(keys)
+    mounted = tmp_path / "secret"
+    mounted.mkdir(mode=0o755)
+    for name in files:
+        (mounted / name).write_text(token)
+        if os.geteuid() == 0:
+            os.chown(mounted / name, 0, pod["securityContext"]["fsGroup"])
+        (mounted / name).chmod(secret["defaultMode"])
+    return mounted, mount["mountPath"]
+
+
+@pytest.mark.parametrize("folder", [K8S, Z2JH], ids=["kubernetes", "zero-to-jupyterhub"])
+def test_kubernetes_container_command_culls_with_the_mounted_secret(folder, hub, tmp_path):
     """The container's command (the image's ENTRYPOINT plus the manifest's args and env), with
     the Secret's files at a temporary mount path, against the fake Hub."""
-    pod = pod_spec(cronjob())
-    (container,) = pod["containers"]
-    (secret,) = [d for d in manifests() if d["kind"] == "Secret"]
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    (mount,) = container["volumeMounts"]
-    assert volumes[mount["name"]]["secret"]["secretName"] == secret["metadata"]["name"]
-    mounted = tmp_path / "secret"
-    mounted.mkdir()
-    for key in secret["stringData"]:
-        (mounted / key).write_text(TOKEN)
+    (container,) = pod_spec(cronjob(folder))["containers"]
+    mounted, mount_path = secret_volume(cronjob(folder), TOKEN, tmp_path)
 
     entrypoint = json.loads(dockerfile()["ENTRYPOINT"][0])
     assert entrypoint == ["idle-cull"] and "command" not in container
-    argv = [str(IDLE_CULL)] + [
-        a.replace(mount["mountPath"], str(mounted)) for a in container["args"]
-    ]
+    argv = [str(IDLE_CULL)] + [a.replace(mount_path, str(mounted)) for a in container["args"]]
     assert all(str(tmp_path) in a for a in argv[1:] if "/" in a), argv
     env = {e["name"]: e["value"] for e in container["env"]}
     assert set(env) <= SETTINGS, "a variable idle-cull does not read"
@@ -695,21 +718,15 @@ def image() -> str:
     return TEST_IMAGE
 
 
-def run_as_the_cronjob(image: str, hub, token: str, tmp_path: Path):
-    """`podman run` with what cronjob.yaml asks of the pod: its user and group, a read-only
+def run_as_the_cronjob(image: str, job: dict, hub, token: str, tmp_path: Path):
+    """`podman run` with what the CronJob asks of the pod: its user and group, a read-only
     root (no writable /tmp either), no capabilities, no privilege escalation, the Secret as
-    files (mode defaultMode, group fsGroup) at the mount path, its args and env. Only the URL
-    differs: the fake Hub on 127.0.0.1, reached through the host network."""
-    pod = pod_spec(cronjob())
+    files at the mount path, its args and env. Only the URL differs: the fake Hub on
+    127.0.0.1, reached through the host network."""
+    pod = pod_spec(job)
     (container,) = pod["containers"]
     pod_security, security = pod["securityContext"], container["securityContext"]
-    (mount,) = container["volumeMounts"]
-    secret = {v["name"]: v for v in pod["volumes"]}[mount["name"]]["secret"]
-    mounted = tmp_path / "secret"
-    mounted.mkdir(mode=0o755)
-    (mounted / "token").write_text(token)
-    os.chown(mounted / "token", 0, pod_security["fsGroup"])
-    (mounted / "token").chmod(secret["defaultMode"])
+    mounted, mount_path = secret_volume(job, token, tmp_path)
 
     assert security["readOnlyRootFilesystem"] is True
     assert security["allowPrivilegeEscalation"] is False
@@ -717,7 +734,7 @@ def run_as_the_cronjob(image: str, hub, token: str, tmp_path: Path):
     argv += ["--user", f"{pod_security['runAsUser']}:{pod_security['runAsGroup']}"]
     argv += ["--read-only", "--read-only-tmpfs=false", "--security-opt", "no-new-privileges"]
     argv += [f"--cap-drop={cap}" for cap in security["capabilities"]["drop"]]
-    argv += ["--volume", f"{mounted}:{mount['mountPath']}:ro"]
+    argv += ["--volume", f"{mounted}:{mount_path}:ro"]
     for variable in container["env"]:
         value = hub.url if variable["name"] == "IDLE_CULL_URL" else variable["value"]
         argv += ["--env", f"{variable['name']}={value}"]
@@ -726,8 +743,9 @@ def run_as_the_cronjob(image: str, hub, token: str, tmp_path: Path):
     return subprocess.run(argv, capture_output=True, text=True, timeout=120)
 
 
-def test_image_culls_as_the_cronjob_runs_it(image, hub, tmp_path):
-    done = run_as_the_cronjob(image, hub, TOKEN, tmp_path)
+@pytest.mark.parametrize("folder", [K8S, Z2JH], ids=["kubernetes", "zero-to-jupyterhub"])
+def test_image_culls_as_the_cronjob_runs_it(image, folder, hub, tmp_path):
+    done = run_as_the_cronjob(image, cronjob(folder), hub, TOKEN, tmp_path)
     assert done.returncode == 0, done.stderr
     assert hub.stops == [("idle", "")]
     output = done.stdout + done.stderr
@@ -736,7 +754,7 @@ def test_image_culls_as_the_cronjob_runs_it(image, hub, tmp_path):
 
 
 def test_image_fails_the_job_when_the_hub_refuses_the_token(image, hub, tmp_path):
-    done = run_as_the_cronjob(image, hub, "not-the-token", tmp_path)
+    done = run_as_the_cronjob(image, cronjob(), hub, "not-the-token", tmp_path)
     # Exit 3 fails the pod, and with backoffLimit: 0 the Job.
     assert done.returncode == 3, done.stderr
     assert hub.stops == []
@@ -754,3 +772,149 @@ def test_image_runs_idle_cull_as_the_manifest_user(image):
     security = pod_spec(cronjob())["securityContext"]
     assert config["User"] == f"{security['runAsUser']}:{security['runAsGroup']}"
     assert config["Entrypoint"] == ["idle-cull"]
+
+
+# ---- Zero to JupyterHub -----------------------------------------------------------------------
+
+# What values.yaml uses of the chart's values schema (jupyterhub/values.schema.yaml of
+# jupyterhub/zero-to-jupyterhub-k8s, read at commit 48ea50e3, chart app version 5.5.0), restated
+# here: which keys exist where, and their types. Unknown keys fail where the chart's schema says
+# additionalProperties: false (the top level, hub, cull). The rest of the chart's schema, its
+# defaults and its templates are not checked here: that needs the chart (`helm lint`).
+CHART_VALUES_SUBSET = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "cull": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["enabled"],
+            "properties": {
+                "enabled": {"type": "boolean"},
+                "users": {"type": ["boolean", "null"]},
+                "adminUsers": {"type": ["boolean", "null"]},
+                "removeNamedServers": {"type": ["boolean", "null"]},
+                "timeout": {"type": ["integer", "null"]},
+                "every": {"type": ["integer", "null"]},
+                "concurrency": {"type": ["integer", "null"]},
+                "maxAge": {"type": ["integer", "null"]},
+            },
+        },
+        "hub": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                # A map of name -> service; the chart passes unknown service keys on to
+                # JupyterHub, and types these:
+                "services": {
+                    "type": "object",
+                    "additionalProperties": {
+                        "type": "object",
+                        "properties": {
+                            "name": {"type": "string"},
+                            "admin": {"type": "boolean"},
+                            "command": {"type": ["string", "array"]},
+                            "url": {"type": "string"},
+                            "api_token": {"type": ["string", "null"]},
+                            "apiToken": {"type": ["string", "null"]},
+                        },
+                    },
+                },
+                # A map of name -> JupyterHub role (passed on as it is).
+                "loadRoles": {"type": "object", "additionalProperties": {"type": "object"}},
+            },
+        },
+    },
+}
+# The chart's names, with its default fullnameOverride "": the Hub's Service and Secret are
+# both `hub`; the Service listens on 8081; each service's token is in that Secret under
+# hub.services.<key>.apiToken (made by the chart when the values set none, chart >= 1.1.0).
+CHART_HUB = "hub"
+CHART_HUB_PORT = 8081
+# The chart's network policies admit pods with these labels to the Hub and the proxy.
+CHART_ACCESS_LABELS = {
+    "hub.jupyter.org/network-access-hub": "true",
+    "hub.jupyter.org/network-access-proxy-http": "true",
+}
+
+
+def z2jh_values() -> dict:
+    return yaml.safe_load((Z2JH / "values.yaml").read_text())
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_z2jh_manifests_match_the_api_schema(version):
+    docs = manifests(Z2JH)
+    assert [d["kind"] for d in docs] == ["CronJob"]
+    for doc in docs:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_z2jh_cronjob_is_the_kubernetes_one_but_its_token_and_labels():
+    """Only what the chart changes: the token from the chart's Secret, the proxy's label."""
+    job, expected = cronjob(Z2JH), cronjob(K8S)
+    template = expected["spec"]["jobTemplate"]["spec"]["template"]
+    template["metadata"]["labels"].update(CHART_ACCESS_LABELS)
+    (volume,) = template["spec"]["volumes"]
+    volume["secret"] = {
+        "secretName": CHART_HUB,
+        "items": [{"key": "hub.services.idle-cull.apiToken", "path": "token"}],
+        "defaultMode": volume["secret"]["defaultMode"],
+    }
+    assert job == expected
+
+
+def test_z2jh_values_match_the_chart_schema():
+    jsonschema.validate(z2jh_values(), CHART_VALUES_SUBSET)
+
+
+@pytest.mark.parametrize(
+    "path, value",
+    [
+        (("cull", "enabeld"), False),  # a typo
+        (("cull", "enabled"), "false"),  # a string, not a boolean
+        (("hub", "loadRole"), {}),  # a key the chart does not have
+        (("hub", "services", "idle-cull", "admin"), "no"),
+    ],
+)
+def test_z2jh_schema_check_catches_a_broken_copy(path, value):
+    values = z2jh_values()
+    *parents, last = path
+    node = values
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(values, CHART_VALUES_SUBSET)
+
+
+def test_z2jh_values_and_cronjob_fit_together():
+    """The chart's culler is off; the service the values register is the one the role names,
+    its token is the Secret key the CronJob mounts as the file it reads, the role has exactly
+    the scopes the end-to-end tests prove on a real Hub, all of them real JupyterHub scopes,
+    and the CronJob calls the chart's Hub Service with the labels its network policies want."""
+    values = z2jh_values()
+    assert values["cull"]["enabled"] is False
+    (name,) = values["hub"]["services"]
+    service = values["hub"]["services"][name]
+    # Runs outside the Hub (no command, no url); the chart makes its token: none in the file.
+    assert not {"command", "url", "api_token", "apiToken", "admin"} & set(service)
+    (role,) = values["hub"]["loadRoles"].values()
+    assert role["services"] == [name]
+    assert set(role["scopes"]) == set(realhub.CULLER_SCOPES)
+    assert set(role["scopes"]) <= set(jupyterhub.scopes.scope_definitions)
+
+    job = cronjob(Z2JH)
+    pod = pod_spec(job)
+    (container,) = pod["containers"]
+    (mount,) = container["volumeMounts"]
+    (volume,) = pod["volumes"]
+    assert volume["secret"]["secretName"] == CHART_HUB
+    (item,) = volume["secret"]["items"]
+    assert item["key"] == f"hub.services.{name}.apiToken"
+    token_file = container["args"][container["args"].index("--api-token-file") + 1]
+    assert token_file == f"{mount['mountPath']}/{item['path']}"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["IDLE_CULL_URL"] == f"http://{CHART_HUB}:{CHART_HUB_PORT}/hub/api"
+    labels = job["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+    assert CHART_ACCESS_LABELS.items() <= labels.items()
