@@ -2007,17 +2007,22 @@ def _read_rules(tables: object, path: str) -> tuple[Rule, ...]:
     rules = []
     for number, table in enumerate(tables, 1):
         where = f"{path}: rule {number}"
-        table = {str(key).replace("-", "_"): value for key, value in dict(table).items()}
+        if not isinstance(table, dict):
+            raise click.BadParameter(f"{where}: {table!r} is not a [[rule]] table")
+        table = {key.replace("-", "_"): value for key, value in table.items()}
         if unknown := set(table) - {"group", "user_options", "timeout", "max_age"}:
             raise click.BadParameter(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
         if "group" not in table and "user_options" not in table:
             raise click.BadParameter(f"{where}: needs `group` or `user_options` to match")
         if "timeout" not in table and "max_age" not in table:
             raise click.BadParameter(f"{where}: needs `timeout` or `max-age`")
-        for key in ("timeout", "max_age"):
-            value = table.get(key, 0)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise click.BadParameter(f"{where}: {key} must be a whole number of seconds")
+        # The same bounds as --timeout and --max-age.
+        for key, duration in (("timeout", TIMEOUT), ("max_age", SECONDS)):
+            if key in table:
+                try:
+                    table[key] = duration.convert(table[key], None, None)
+                except click.BadParameter as exc:
+                    raise click.BadParameter(f"{where}: {key}: {exc.message}") from None
         if not isinstance(table.get("group", ""), str):
             raise click.BadParameter(f"{where}: group must be a string")
         if not isinstance(table.get("user_options", {}), dict):
@@ -2150,8 +2155,54 @@ def _exclusive(lock_file: str | None):
         yield True
 
 
-def _duration(minimum: int = 0):
-    return click.IntRange(min=minimum)
+class Duration(click.ParamType):
+    """Seconds: a number as upstream reads one (`int("3600")`), or as people write them (8h30m)."""
+
+    name = "duration"
+    UNITS = (86400, 3600, 60, 1)  # d, h, m, s, as in PATTERN
+    PATTERN = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+    EXAMPLE = "seconds (3600), or with units such as 90m, 1h, 8h30m, 30d"
+
+    def __init__(self, minimum: float, maximum: float, fraction: bool = False):
+        self.minimum, self.maximum, self.fraction = minimum, maximum, fraction
+
+    def convert(self, value, param, ctx) -> float:
+        seconds = self.seconds(value)
+        if seconds is None:
+            self.fail(f"{value!r} is not a duration: write {self.EXAMPLE}", param, ctx)
+        if seconds < self.minimum:
+            self.fail(f"{value!r} is less than the least, {self.minimum:g}s", param, ctx)
+        if seconds > self.maximum:
+            most = f"{self.maximum / 86400:g}d"
+            self.fail(f"{value!r} is more than the most idle-cull takes, {most}", param, ctx)
+        return seconds
+
+    def seconds(self, value: object) -> float | None:
+        """The number of seconds `value` means; None when it is not a duration."""
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = int(value)  # what upstream accepts for a number stays exactly that
+        if isinstance(value, str) and self.fraction:
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if isinstance(value, float) and math.isfinite(value):
+            return value if self.fraction else int(value) if value.is_integer() else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        match = self.PATTERN.fullmatch(value.strip().lower()) if isinstance(value, str) else None
+        if not match or not any(match.groups()):
+            return None
+        return sum(int(n) * unit for n, unit in zip(match.groups(), self.UNITS, strict=True) if n)
+
+
+# Every wait must fit the OS timers (threading.TIMEOUT_MAX, ~292 years): a century is plenty.
+DURATION_MAX = 36500 * 86400
+TIMEOUT = Duration(1, DURATION_MAX)  # an idle limit of 0 would stop servers in use right now
+SECONDS = Duration(0, DURATION_MAX)
+# A request that may wait beyond a day is a hang; below a millisecond it cannot succeed.
+REQUEST_TIMEOUT = Duration(0.001, 86400, fraction=True)
+# What --concurrency 0 ("no limit", as upstream) gives: threads and connections need a number.
+CONCURRENCY_CEILING = 50
 
 
 class _TerminalProgress(Progress):
@@ -2240,16 +2291,16 @@ def _check_outputs(metrics_file, pushgateway, warn_before, notify_command, state
               help="The Hub's API URL.")
 @click.option("--api-token-file", type=click.Path(dir_okay=False),
               help="Read the API token from this file instead of $JUPYTERHUB_API_TOKEN.")
-@click.option("--timeout", type=_duration(1), default=600, show_default=True,
+@click.option("--timeout", type=TIMEOUT, default=600, show_default=True,
               help="Seconds of inactivity after which a server is stopped.")
-@click.option("--max-age", type=_duration(), default=0, show_default=True,
+@click.option("--max-age", type=SECONDS, default=0, show_default=True,
               help="Stop servers older than this many seconds even if active (0: never).")
-@click.option("--cull-every", type=_duration(), default=None,
+@click.option("--cull-every", type=SECONDS, default=None,
               help="Run a pass every N seconds until SIGTERM (0: one pass, then exit). "
                    "Default 0, or timeout/2 when started by the Hub as a service.")
 @click.option("--cull-users/--no-cull-users", default=False, show_default=True,
               help="Also delete users whose servers are all stopped and who are idle or old.")
-@click.option("--user-timeout", type=_duration(1), default=None,
+@click.option("--user-timeout", type=TIMEOUT, default=None,
               help="Seconds of inactivity after which a user is deleted [default: --timeout].")
 @click.option("--cull-admin-users/--no-cull-admin-users", default=True, show_default=True,
               help="With --cull-users, may admin users be deleted.")
@@ -2264,19 +2315,19 @@ def _check_outputs(metrics_file, pushgateway, warn_before, notify_command, state
 @click.option("--exclude-group", multiple=True, metavar="NAME",
               help="Never stop the servers of this group's members or delete them (repeatable; "
                    "needs the read:users:groups scope).")
-@click.option("--wait-for-stop", type=_duration(), default=0, show_default=True,
+@click.option("--wait-for-stop", type=SECONDS, default=0, show_default=True,
               help="After a slow stop (202), wait up to this many seconds for it to finish.")
-@click.option("--warn-before", type=_duration(), default=0, show_default=True,
+@click.option("--warn-before", type=SECONDS, default=0, show_default=True,
               help="Warn through --notify-command this many seconds before a server is culled.")
 @click.option("--notify-command", metavar="COMMAND",
               help="Command run once per warning, with the warning as JSON on stdin.")
 @click.option("--state-file", type=click.Path(dir_okay=False),
               help="Where --warn-before remembers the warnings it sent.")
-@click.option("--concurrency", type=click.IntRange(1, 1000), default=10, show_default=True,
-              help="Most requests in flight to the Hub at once.")
-@click.option("--api-page-size", type=_duration(), default=0, show_default=True,
+@click.option("--concurrency", type=click.IntRange(0, 1000), default=10, show_default=True,
+              help=f"Most requests in flight to the Hub at once (0: {CONCURRENCY_CEILING}).")
+@click.option("--api-page-size", type=click.IntRange(min=0), default=0, show_default=True,
               help="Users per page when listing (0: the Hub's default).")
-@click.option("--request-timeout", type=click.FloatRange(0, min_open=True),
+@click.option("--request-timeout", type=REQUEST_TIMEOUT,
               default=lambda: os.environ.get("JUPYTERHUB_REQUEST_TIMEOUT") or 60,
               show_default="$JUPYTERHUB_REQUEST_TIMEOUT, else 60",
               help="Seconds to wait for each answer from the Hub.")
@@ -2298,7 +2349,7 @@ def _check_outputs(metrics_file, pushgateway, warn_before, notify_command, state
 @click.option("--server-api-url", callback=_check_server_api_url, metavar="URL",
               help="The proxy's address as idle-cull reaches it (e.g. http://proxy-public), "
                    "to look inside servers (needs the access:servers scope).")
-@click.option("--keep-busy-kernels", type=_duration(), default=0, show_default=True,
+@click.option("--keep-busy-kernels", type=SECONDS, default=0, show_default=True,
               help="Look inside a server before stopping it for idleness; keep it while a "
                    "kernel is busy and silent for less than this many seconds (0: off).")
 @click.option("--activity-source", type=click.Choice(["hub", "kernels"]), default="hub",
@@ -2307,7 +2358,7 @@ def _check_outputs(metrics_file, pushgateway, warn_before, notify_command, state
                    "kernels and terminals (browser tabs and pings do not count).")
 @click.option("--lock-file", type=click.Path(dir_okay=False),
               help="Skip the pass (exit 0) when another pass holds this lock.")
-@click.option("--max-runtime", type=_duration(), default=0, show_default=True,
+@click.option("--max-runtime", type=SECONDS, default=0, show_default=True,
               help="Start no new action after this many seconds; exit 1 (0: no limit).")
 @click.option("--dry-run/--no-dry-run", default=False, help="Decide and report; change nothing.")
 @click.option("--dry-run-looks/--no-dry-run-looks", default=False,
@@ -2351,6 +2402,7 @@ def main(ctx, url, api_token_file, timeout, max_age, cull_every, cull_users, use
         cull_every = max(1, timeout // 2)
     if insecure:
         urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+    concurrency = concurrency or CONCURRENCY_CEILING
     policy = Policy(
         timeout=timeout, max_age=max_age, cull_users=cull_users,
         cull_admin_users=cull_admin_users, cull_default_servers=cull_default_servers,

@@ -6,6 +6,8 @@ import pytest
 from conftest import run_cull
 from fakehub import iso, server
 
+import idle_cull
+
 EVERY_TRAIT = """\
 c = get_config()  # noqa
 
@@ -154,3 +156,124 @@ def test_log_level_as_a_logging_constant(fake_hub, captured, tmp_path):
     config = write(tmp_path / "c.py", "import logging\nc.Application.log_level = logging.WARN\n")
     assert run_cull(fake_hub, f"--config={config}").exit_code == 0
     assert logging.getLogger().level == logging.WARNING
+
+
+# ---- durations, bounds and limits, the same wherever a setting is written ------------------
+
+DURATIONS = [
+    ("3600", 3600),
+    (" 600 ", 600),  # int() takes it, so upstream does
+    ("90m", 5400),
+    ("1h", 3600),
+    ("8h30m", 30600),
+    ("30d", 30 * 86400),
+    ("1d2h3m4s", 93784),
+    ("45s", 45),
+]
+
+
+@pytest.mark.parametrize("text, seconds", DURATIONS)
+def test_durations_as_people_write_them_everywhere(fake_hub, captured, tmp_path, text, seconds):
+    run_cull(fake_hub, f"--timeout={text}", f"--max-age={text}", f"--user-timeout={text}")
+    policy = captured["policy"]
+    assert (policy.timeout, policy.max_age, policy.user_timeout) == (seconds, seconds, seconds)
+    run_cull(fake_hub, env={"IDLE_CULL_TIMEOUT": text, "IDLE_CULL_WAIT_FOR_STOP": text})
+    assert captured["policy"].timeout == seconds
+    assert captured["settings"].wait_for_stop == seconds
+    toml = write(tmp_path / "c.toml", f'max-runtime = "{text}"\n[[rule]]\ngroup = "g"\n'
+                 f'timeout = "{text}"\nmax-age = "{text}"\n')  # fmt: skip
+    run_cull(fake_hub, f"--config={toml}")
+    assert captured["settings"].max_runtime == seconds
+    rule = captured["policy"].rules[0]
+    assert (rule.timeout, rule.max_age) == (seconds, seconds)
+    python = write(tmp_path / "c.py", f"c.IdleCuller.timeout = {text!r}\n")
+    run_cull(fake_hub, f"--config={python}")
+    assert captured["policy"].timeout == seconds
+    if seconds <= 86400:  # the longest a request may wait
+        run_cull(fake_hub, f"--request-timeout={text}")
+        assert captured["client"].timeout == seconds
+
+
+def test_numbers_in_files_stay_numbers(fake_hub, captured, tmp_path):
+    run_cull(fake_hub, f"--config={write(tmp_path / 'c.py', 'c.IdleCuller.timeout = 86400')}")
+    assert captured["policy"].timeout == 86400
+    run_cull(fake_hub, f"--config={write(tmp_path / 'c.toml', 'max-age = 7200.0')}")
+    assert captured["policy"].max_age == 7200
+    run_cull(fake_hub, "--request-timeout=0.5")
+    assert captured["client"].timeout == 0.5
+
+
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (["--timeout=90x"], {}, "'90x' is not a duration: write seconds (3600), or with units"),
+        (["--timeout=1.5h"], {}, "8h30m"),
+        (["--timeout=30m1h"], {}, "is not a duration"),  # units in descending order
+        (["--timeout=h"], {}, "is not a duration"),
+        (["--timeout=1.5"], {}, "is not a duration"),
+        (["--max-age=-1"], {}, "--max-age"),
+        ([], {"IDLE_CULL_MAX_AGE": "2 weeks"}, "'2 weeks' is not a duration"),
+        (["--request-timeout=nan"], {}, "'nan' is not a duration"),
+        (["--request-timeout=inf"], {}, "'inf' is not a duration"),
+        (["--request-timeout=-inf"], {}, "--request-timeout"),
+        (["--request-timeout=0"], {}, "less than the least"),
+        (["--request-timeout=2d"], {}, "more than the most idle-cull takes, 1d"),
+        ([], {"JUPYTERHUB_REQUEST_TIMEOUT": "nan"}, "--request-timeout"),
+        (["--cull-every=10000000000"], {}, "more than the most idle-cull takes, 36500d"),
+        (["--timeout=3153600001"], {}, "more than the most idle-cull takes, 36500d"),
+        (["--concurrency=1001"], {}, "--concurrency"),
+    ],
+)
+def test_bad_durations_are_one_line_with_an_example(fake_hub, args, env, message):
+    result = run_cull(fake_hub, *args, env=env)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("idle-cull: error: ")
+    assert message in lines[0]
+    assert fake_hub.requests == []
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("rule = [1]\n", "rule 1: 1 is not a [[rule]] table"),
+        ('rule = ["gpu"]\n', "rule 1: 'gpu' is not a [[rule]] table"),
+        ("cull-every = 10000000000\n", "36500d"),
+        ("request-timeout = nan\n", "is not a duration"),
+        ("timeout = true\n", "True is not a duration"),
+        # A rule has the bounds of the options it stands for.
+        ('[[rule]]\ngroup = "x"\ntimeout = 0\n', "rule 1: timeout: 0 is less than the least, 1s"),
+        ('[[rule]]\ngroup = "x"\ntimeout = "0m"\n', "rule 1: timeout: '0m' is less than the least"),
+        ('[[rule]]\ngroup = "x"\nmax-age = -5\n', "rule 1: max_age: -5 is less than the least"),
+        ('[[rule]]\ngroup = "x"\ntimeout = 1e11\n', "rule 1: timeout: 100000000000.0 is more than"),
+        ('[[rule]]\ngroup = "x"\ntimeout = "soon"\n', "rule 1: timeout: 'soon' is not a duration"),
+    ],
+)
+def test_bad_values_in_toml_are_one_line_and_exit_2(fake_hub, tmp_path, text, message):
+    result = run_cull(fake_hub, f"--config={write(tmp_path / 'c.toml', text)}")
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
+
+
+def test_the_same_timeout_bound_on_the_command_line_and_in_a_rule(fake_hub, tmp_path):
+    top = run_cull(fake_hub, "--timeout=0")
+    rule = run_cull(fake_hub, f"--config={write(tmp_path / 'c.toml', RULE_TIMEOUT_0)}")
+    assert top.exit_code == rule.exit_code == 2
+    assert "--timeout': '0' is less than the least, 1s" in top.stderr
+    assert "timeout: 0 is less than the least, 1s" in rule.stderr
+
+
+RULE_TIMEOUT_0 = '[[rule]]\nuser_options = { profile = "gpu" }\ntimeout = 0\n'
+
+
+def test_concurrency_0_means_no_limit_up_to_the_ceiling(fake_hub, captured):
+    assert run_cull(fake_hub, "--concurrency=0").exit_code == 0
+    assert captured["settings"].concurrency == idle_cull.CONCURRENCY_CEILING
+
+
+def test_concurrency_0_culls(fake_hub):
+    for n in range(5):
+        fake_hub.add_user(f"u{n}", servers={"": server(last_activity=iso(3600))})
+    result = run_cull(fake_hub, "--concurrency=0", "--json")
+    assert result.exit_code == 0 and result.json["summary"]["servers_stopped"] == 5
