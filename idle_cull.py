@@ -1951,6 +1951,42 @@ class _UpstreamConfig:
         self.values[name] = value  # not a class: refused with its name once the file has run
 
 
+def config_file_text(command: click.Command) -> str:
+    """Upstream's Python config file with every setting idle-cull reads, at its default."""
+    import textwrap
+
+    params = {param.name: param for param in command.params}
+    lines = [
+        f"# Configuration file for idle-cull {__version__}, in jupyterhub-idle-culler's format.",
+        f"# Read with --config FILE, or as {CONFIG_FILE} in the working directory.",
+        "# Each setting is shown at its default: uncomment a line to change it. The command line",
+        "# and IDLE_CULL_* environment variables win over this file.",
+        "",
+        "c = get_config()  # noqa",
+    ]
+    for trait in CONFIG_TRAITS:
+        param = params[{"cull_arbiter_hook": "arbiter"}.get(trait, trait)]
+        section = "Application" if trait == "log_level" else "IdleCuller"
+        # None is "not set": the url then comes from $JUPYTERHUB_API_URL, as upstream's does.
+        default = param.default if isinstance(param.default, str | int | float) else None
+        if trait == "cull_every":
+            default = 0  # what "not set" means there too
+        help_text = param.help
+        if isinstance(param.show_default, str):
+            help_text += f" [default: {param.show_default}]"
+        if trait == "cull_arbiter_hook":
+            help_text += " Here: a function defined or imported in this file (--arbiter wins)."
+        lines += ["", *textwrap.wrap(help_text, 96, initial_indent="## ", subsequent_indent="#  ")]
+        lines.append(f"# c.{section}.{trait} = {default!r}")
+    return "\n".join(lines)
+
+
+def _generate_config(ctx: click.Context, _param, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(config_file_text(ctx.command))
+        ctx.exit(EXIT_OK)
+
+
 def _read_python_config(ctx: click.Context, path: str) -> dict:
     """Run upstream's Python config file as traitlets does; the settings it makes."""
     config = _UpstreamConfig()
@@ -2286,6 +2322,10 @@ def _check_outputs(metrics_file, pushgateway, warn_before, notify_command, state
                    "else upstream's Python config (c.IdleCuller.timeout = 3600). Command line "
                    "and IDLE_CULL_* environment variables win over it.  [default: "
                    f"{CONFIG_FILE}, if the working directory has one]")
+@click.option("--generate-config", is_flag=True, is_eager=True, expose_value=False,
+              callback=_generate_config,
+              help="Print a Python config file (upstream's format) with every setting at its "
+                   "default, and exit.")
 @click.option("--url", callback=_check_url, show_default="$JUPYTERHUB_API_URL, else " + DEFAULT_URL,
               default=lambda: os.environ.get("JUPYTERHUB_API_URL") or DEFAULT_URL,
               help="The Hub's API URL.")
@@ -2369,7 +2409,8 @@ def _check_outputs(metrics_file, pushgateway, warn_before, notify_command, state
               help="Write Prometheus metrics here (node_exporter textfile format).")
 @click.option("--pushgateway", metavar="URL", help="Push Prometheus metrics here after a pass.")
 @click.option("--log-level", default="INFO", show_default=True,
-              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+              help="How much to log; DEBUG also lists every server kept and why.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
               show_default=True, help="Log lines on stderr as text or as JSON.")
 @click.version_option(__version__, prog_name="idle-cull")

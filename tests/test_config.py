@@ -277,3 +277,36 @@ def test_concurrency_0_culls(fake_hub):
         fake_hub.add_user(f"u{n}", servers={"": server(last_activity=iso(3600))})
     result = run_cull(fake_hub, "--concurrency=0", "--json")
     assert result.exit_code == 0 and result.json["summary"]["servers_stopped"] == 5
+
+
+# ---- --generate-config ---------------------------------------------------------------------
+
+
+def test_generate_config_prints_every_setting_and_loads_back_to_the_defaults(
+    fake_hub, captured, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "idle_culler_config.py", "raise RuntimeError('not read')\n")
+    result = run_cull(fake_hub, "--generate-config", env={"JUPYTERHUB_API_TOKEN": None})
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    assert fake_hub.requests == [] and not captured
+    for trait in idle_cull.CONFIG_TRAITS:
+        section = "Application" if trait == "log_level" else "IdleCuller"
+        assert f"\n# c.{section}.{trait} = " in text
+    (tmp_path / "idle_culler_config.py").unlink()
+
+    def settings(*args):
+        assert run_cull(fake_hub, *args).exit_code == 0
+        client = captured["client"]
+        level = logging.getLogger().level
+        return captured["policy"], captured["settings"], client.base, client.timeout, level
+
+    logging.getLogger().setLevel(logging.WARNING)  # so that the file's INFO is seen to apply
+    defaults = settings()
+    assert settings(f"--config={write(tmp_path / 'as_printed.py', text)}") == defaults
+    # Every line uncommented: the values shown are the defaults.
+    uncommented = text.replace("\n# c.", "\nc.")
+    assert uncommented.count("\nc.") == len(idle_cull.CONFIG_TRAITS)
+    logging.getLogger().setLevel(logging.WARNING)
+    assert settings(f"--config={write(tmp_path / 'uncommented.py', uncommented)}") == defaults
