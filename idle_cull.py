@@ -1920,32 +1920,29 @@ def _read_toml_config(ctx: click.Context, path: str) -> dict:
     return settings
 
 
-class _ConfigSection:
-    """`c.IdleCuller` in upstream's config file: remembers what the file sets."""
-
-    def __init__(self, values: dict):
-        object.__setattr__(self, "_values", values)
-
-    def __setattr__(self, trait: str, value: object) -> None:
-        self._values[trait] = value
+class _ConfigSection(dict):
+    """`c.IdleCuller` in upstream's config file: a dict whose keys are also attributes."""
 
     def __getattr__(self, trait: str) -> object:
         try:
-            return self._values[trait]
+            return self[trait]
         except KeyError:
             raise AttributeError(f"{trait} is not set") from None
+
+    def __setattr__(self, trait: str, value: object) -> None:
+        self[trait] = value
 
 
 class _UpstreamConfig:
     """The `c` of upstream's config file, without traitlets: `c.<Class>.<trait> = value`."""
 
     def __init__(self):
-        object.__setattr__(self, "values", {})  # (class, trait) -> value
+        object.__setattr__(self, "values", {})  # class name -> its section
 
     def __getattr__(self, name: str) -> _ConfigSection:
         if name.startswith("__"):
             raise AttributeError(name)
-        return _ConfigSection(self.values.setdefault(name, {}))
+        return self.values.setdefault(name, _ConfigSection())
 
     def __setattr__(self, name: str, value: object) -> None:
         self.values[name] = value  # not a class: refused with its name once the file has run
@@ -2008,6 +2005,8 @@ def _read_python_config(ctx: click.Context, path: str) -> dict:
                 line = frame.lineno
         where = path if line is None else f"{path}, line {line}"
         message = " ".join(f"{type(exc).__name__}: {exc}".split())
+        # The file may have read the token (int(os.environ[...]) fails saying what it read).
+        message = redact(message, os.environ.get("JUPYTERHUB_API_TOKEN", "").strip())
         raise click.BadParameter(f"{where}: {message}") from None
     settings = {}
     # Application first: a setting on IdleCuller, its subclass, wins, as in traitlets.
@@ -2426,6 +2425,7 @@ def main(ctx, url, api_token_file, timeout, max_age, cull_every, cull_users, use
     """Stop idle or over-age JupyterHub servers (and, if asked, delete idle users).
 
     One pass, then exit: 0 all done, 1 some action failed, 2 bad usage, 3 Hub unusable.
+    Durations are seconds (3600) or with units, largest first: 90m, 1h, 8h30m, 30d.
     """
     token = _read_token(api_token_file)
     verify, cert = _tls(ssl_enabled, internal_certs_location, ca_bundle, insecure)

@@ -3,7 +3,7 @@
 import logging
 
 import pytest
-from conftest import run_cull
+from conftest import TOKEN, run_cull
 from fakehub import iso, server
 
 import idle_cull
@@ -117,6 +117,12 @@ def test_precedence_command_line_then_environment_then_python_file(fake_hub, cap
     assert captured["policy"].timeout == 300
 
 
+def test_sections_are_dicts_as_in_traitlets(fake_hub, captured, tmp_path):
+    text = "c.IdleCuller.update(timeout=5)\nc.IdleCuller['max_age'] = 7\nc.Application = {}\n"
+    assert run_cull(fake_hub, f"--config={write(tmp_path / 'c.py', text)}").exit_code == 0
+    assert (captured["policy"].timeout, captured["policy"].max_age) == (5, 7)
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
@@ -145,6 +151,13 @@ def test_bad_python_config_files_are_one_line_and_exit_2(fake_hub, tmp_path, tex
     assert message in lines[0]
     assert "Traceback" not in result.output
     assert fake_hub.requests == []
+
+
+def test_a_config_file_that_fails_on_the_token_does_not_show_it(fake_hub, tmp_path):
+    config = write(tmp_path / "c.py", "import os\nint(os.environ['JUPYTERHUB_API_TOKEN'])\n")
+    result = run_cull(fake_hub, f"--config={config}")
+    assert result.exit_code == 2 and "line 2: ValueError" in result.stderr
+    assert "[token]" in result.stderr and TOKEN not in result.output
 
 
 def test_a_missing_python_config_file_is_a_usage_error(fake_hub, tmp_path):
