@@ -126,19 +126,25 @@ BASE_IMAGE := localhost/idle-cull-base:$(BASE_KEY)
 IMAGE_BUILD_FLAGS := --isolation chroot --network host \
 	$(foreach f,/etc/pip.conf /etc/ssl/certs,$(if $(wildcard $f),--volume $f:$f:ro))
 
+# Built under a name of its own ($$$$: the shell's PID), then renamed: two checkouts building at
+# once never write into one file.
 $(BASE_TAR):
 	mkdir -p $(IMAGE_CACHE)
-	$(MMDEBSTRAP) $(IMAGE_CACHE)/base-$(BASE_KEY).partial.tar
-	mv $(IMAGE_CACHE)/base-$(BASE_KEY).partial.tar $@
+	$(MMDEBSTRAP) $(IMAGE_CACHE)/base-$(BASE_KEY).$$$$.tar && mv $(IMAGE_CACHE)/base-$(BASE_KEY).$$$$.tar $@
 
 image-base: $(BASE_TAR)
 	@podman image exists $(BASE_IMAGE) || podman import --quiet $(BASE_TAR) $(BASE_IMAGE)
 	@echo $(BASE_IMAGE)
 
+# The image that IMAGE named before is removed when nothing else uses or names it, so that
+# rebuilds leave no untagged images behind.
 image: image-base
+	@previous=$$(podman image inspect --format '{{.Id}}' $(IMAGE) 2>/dev/null); \
 	podman build --quiet $(IMAGE_BUILD_FLAGS) --build-arg BASE=$(BASE_IMAGE) \
 		-f examples/kubernetes/Dockerfile --ignorefile examples/kubernetes/Dockerfile.dockerignore \
-		-t $(IMAGE) .
+		-t $(IMAGE) . >/dev/null && \
+	if [ -n "$$previous" ] && [ "$$(podman image inspect --format '{{.Id}}' $(IMAGE))" != "$$previous" ]; \
+		then podman image rm $$previous >/dev/null 2>&1 || true; fi
 	@podman image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' $(IMAGE)
 
 .PHONY: image-base image

@@ -12,6 +12,7 @@ programs are missing here is skipped with one line naming them (failed in CI ins
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -677,7 +678,8 @@ def test_dockerfile_matches_the_manifest_and_the_project():
 
 # ---- the container image, built and run ------------------------------------------------------
 
-TEST_IMAGE = "localhost/idle-cull:test"
+# A tag for this checkout: another checkout's tests may build theirs at the same time.
+TEST_IMAGE = f"localhost/idle-cull:test-{hashlib.sha256(bytes(REPO)).hexdigest()[:12]}"
 # podman's defaults ask for RLIMIT_NOFILE/NPROC above what a process without CAP_SYS_RESOURCE may
 # set (sandboxes, nested containers), and crun refuses a hybrid cgroup v1/v2 host: runc, and
 # limits any process may set, start a container everywhere. The culler needs few of either.
