@@ -752,9 +752,9 @@ class ServerClient:
             proxies=self.proxies,
         )
         if response.status_code != 200:
-            where = f" to {response.headers.get('Location', '?')[:100]}" * response.is_redirect
+            to = f" (to {response.headers.get('Location', '?')[:100]})" * response.is_redirect
             raise LookFailed(
-                f"{what}: HTTP {response.status_code}{where} {_message(response)}".rstrip(),
+                f"{what}: HTTP {response.status_code} {_message(response)}{to}",
                 response.status_code,
             )
         try:

@@ -15,6 +15,11 @@ Services and their roles (tokens are random per hub, passed to the Hub in its en
   idle-culler-delete-users  CULLER_SCOPES + delete:users, the narrower choice for --cull-users
   idle-culler-groups  CULLER_SCOPES + read:users:groups (for --exclude-group, as the README says)
   culler-no-<scope>  CULLER_SCOPES minus one scope (see lacking()), for the missing-scope error
+  idle-culler-looks  CULLER_SCOPES + access:servers, to look inside servers (README)
+  idle-culler-looks-one  CULLER_SCOPES + access:servers!user=one: a filtered role
+
+Real servers (spawner="simple") report their activity to the Hub every 2 s, and `start_kernel`
+and `run_code` drive their kernels over REST and the kernel websocket, as a browser would.
 """
 
 import asyncio
@@ -255,6 +260,8 @@ class RealHub:
                 "idle-culler-users",
                 "idle-culler-delete-users",
                 "idle-culler-groups",
+                "idle-culler-looks",
+                "idle-culler-looks-one",
             ]
             + [lacking(scope) for scope in CULLER_SCOPES]
         }
@@ -282,6 +289,16 @@ class RealHub:
                 "name": "idle-culler-groups",
                 "scopes": [*CULLER_SCOPES, "read:users:groups"],
                 "services": ["idle-culler-groups"],
+            },
+            {
+                "name": "idle-culler-looks",
+                "scopes": [*CULLER_SCOPES, "access:servers"],
+                "services": ["idle-culler-looks"],
+            },
+            {
+                "name": "idle-culler-looks-one",
+                "scopes": [*CULLER_SCOPES, "access:servers!user=one"],
+                "services": ["idle-culler-looks-one"],
             },
         ]
         for scope in CULLER_SCOPES:
@@ -321,6 +338,8 @@ class RealHub:
             f"c.Spawner.cmd = [{str(BIN / 'jupyterhub-singleuser')!r}]",
             f"c.Spawner.args = {args!r}",
             f"c.SimpleLocalProcessSpawner.home_dir_template = {str(homes / '{username}')!r}",
+            # The server tells the Hub its own activity (kernels, API requests) this often.
+            'c.Spawner.environment = {"JUPYTERHUB_ACTIVITY_INTERVAL": "2"}',
         ]
 
     def write_config(self):
@@ -542,6 +561,64 @@ class RealHub:
             self._check(self.api("DELETE", f"/users/{name}"), 204, 404)
         for group in self._check(self.api("GET", "/groups"), 200).json():
             self._check(self.api("DELETE", f"/groups/{group['name']}"), 204, 404)
+
+    # -- inside real servers (spawner="simple"), through the proxy, with the harness token ----
+
+    def server_url(self, user, server=""):
+        return f"{self.public_url}/user/{user}/" + (f"{server}/" if server else "")
+
+    def start_kernel(self, user, server=""):
+        """Start a python3 kernel over REST (no client connects: it stays "starting")."""
+        response = self.session.post(
+            f"{self.server_url(user, server)}api/kernels", json={"name": "python3"}, timeout=60
+        )
+        return self._check(response, 201).json()["id"]
+
+    def run_code(self, user, server, kernel_id, code, until="idle", timeout=60):
+        """Send `code` to the kernel over its websocket, as a notebook does; disconnect once
+        the kernel says `until` ("busy": the cell has started, "idle": it has finished)."""
+        import websocket  # websocket-client
+
+        url = f"{self.server_url(user, server)}api/kernels/{kernel_id}/channels"
+        ws = websocket.create_connection(
+            "ws" + url[len("http") :],
+            header=[f"Authorization: token {self.tokens['harness']}"],
+            timeout=timeout,
+        )
+        try:
+            msg_id = secrets.token_hex(8)
+            header = {
+                "msg_id": msg_id,
+                "msg_type": "execute_request",
+                "session": secrets.token_hex(8),
+                "username": "harness",
+                "version": "5.3",
+                "date": datetime.now(UTC).isoformat(),
+            }
+            content = {"code": code, "silent": False, "store_history": False,
+                       "user_expressions": {}, "allow_stdin": False}  # fmt: skip
+            message = {"header": header, "parent_header": {}, "metadata": {},
+                       "content": content, "channel": "shell", "buffers": []}  # fmt: skip
+            ws.send(json.dumps(message))
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                reply = json.loads(ws.recv())
+                if (
+                    reply.get("msg_type") == "status"
+                    and reply.get("parent_header", {}).get("msg_id") == msg_id
+                    and reply["content"]["execution_state"] == until
+                ):
+                    return
+            raise TimeoutError(f"kernel {kernel_id} of {user} never said {until}")
+        finally:
+            ws.close()
+
+    def kernels(self, user, server=""):
+        """The server's own /api/kernels, as it answers now."""
+        response = self.session.get(
+            f"{self.server_url(user, server)}api/kernels", params={"no_track_activity": 1}
+        )
+        return self._check(response, 200).json()
 
     # -- running the culler --------------------------------------------------------------------
 

@@ -366,6 +366,7 @@ def test_a_failed_look_leaves_the_hubs_verdict_and_says_why(hub, fault):
     assert "active" in kept(by_kernels)[("tab", "")]["reason"]
     assert kept(by_kernels)[("tab", "")]["inside"]["error"]
     if kind == "status" and fault["code"] == 302:
+        assert "HTTP 302 Found (to /hub/login)" in acted(busy)[("a", "")]["inside"]["error"]
         assert not [r for r in hub.requests if r.path.startswith("/hub/login")]
 
 

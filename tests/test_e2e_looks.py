@@ -1,0 +1,161 @@
+"""End to end, looks inside servers (issue 12): a real JupyterHub, a real proxy, real
+jupyterhub-singleuser servers and real ipykernel kernels, driven as a browser would drive them
+(REST and the kernel websocket), then left alone.
+
+One Hub for the module. A server is idle by the Hub once nothing has passed the proxy for the
+culler's --timeout (the Hub takes the proxy's activity every 2 s, the servers report theirs
+every 2 s). Every look passes the proxy too, and so counts as activity at the Hub: a test that
+looks twice waits for the Hub to call the server idle again in between.
+"""
+
+import re
+import threading
+import time
+
+import pytest
+import requests
+from realhub import RealHub
+
+pytestmark = pytest.mark.e2e
+
+TIMEOUT = 3  # the culler's --timeout
+IDLE_AFTER = TIMEOUT + 3.5  # untouched this long, a server is idle by the Hub (2 s reports)
+SLEEP = "import time; time.sleep(600)"  # a long computation that prints nothing
+
+
+@pytest.fixture(scope="module")
+def real_hub(tmp_path_factory):
+    hub = RealHub(tmp_path_factory.mktemp("looks-hub"), spawner="simple").start()
+    yield hub
+    assert hub.stop() == [], "the Hub left processes running"
+
+
+@pytest.fixture
+def hub(real_hub):
+    real_hub.delete_all_users()
+    return real_hub
+
+
+def start_servers(hub, *servers):
+    """Spawn real servers ((user, server name)) at the same time: ~5 s each."""
+    hub.create_users(*sorted({user for user, _ in servers}))
+    for user, server in servers:
+        hub.start_server(user, server, wait=False)
+    for user, server in servers:
+        hub.wait_ready(user, server)
+
+
+def cull(hub, *args, token="idle-culler-looks", expect=0):
+    result = hub.run_culler(
+        "--json", f"--timeout={TIMEOUT}", f"--server-api-url={hub.public_url}", *args, token=token
+    )
+    assert result.returncode == expect, str(result)
+    return result
+
+
+def stopped(result):
+    return {(a["user"], a["server"]) for a in result.json["actions"] if a["result"] == "done"}
+
+
+def kept(result):
+    return {(k["user"], k["server"]): k for k in result.json["kept"]}
+
+
+def test_a_long_computation_is_kept_while_busy_and_stopped_when_stuck(hub):
+    start_servers(hub, ("plain", ""), ("calc", "lab"), ("starter", ""))
+    # A cell that sleeps with no browser attached, on two servers; a kernel nobody connected to.
+    for user, server in [("plain", ""), ("calc", "lab")]:
+        hub.run_code(user, server, hub.start_kernel(user, server), SLEEP, until="busy")
+    hub.start_kernel("starter")
+    computing_since = time.monotonic()
+    assert [k["execution_state"] for k in hub.kernels("calc", "lab")] == ["busy"]
+    assert [k["execution_state"] for k in hub.kernels("starter")] == ["starting"]
+    time.sleep(IDLE_AFTER)
+
+    # A token without access:servers cannot look: refused before anything is done.
+    refused = cull(hub, "--keep-busy-kernels=600", token="idle-culler", expect=3)
+    assert "access:servers" in refused.stderr
+    # Today's rule: the Hub sees nothing of the computation and stops the server.
+    today = cull(hub, "--exclude-user=calc", "--exclude-user=starter")
+    assert stopped(today) == {("plain", "")}
+
+    # Looked at first: busy, so kept; "starting" is not busy, so stopped.
+    looked = cull(hub, "--keep-busy-kernels=600")
+    assert stopped(looked) == {("starter", "")}
+    assert hub.snapshot() == {"plain": {}, "calc": {"lab": "ready"}, "starter": {}}
+    saved = kept(looked)[("calc", "lab")]
+    assert saved["inside"]["busy"] == 1 and saved["inside"]["kernels"] == 1
+    assert re.search(r"silent \d+s < keep-busy-kernels 600s", saved["reason"])
+    assert "0 busy" in {(a["user"]): a for a in looked.json["actions"]}["starter"]["reason"]
+
+    # The look passed the proxy: the Hub saw activity. Once idle again, and busy but silent
+    # for longer than the limit, the kernel is stuck: stopped, and the log says so.
+    time.sleep(IDLE_AFTER)
+    silent = int(time.monotonic() - computing_since)
+    limit = silent - 3
+    stuck = cull(hub, f"--keep-busy-kernels={limit}")
+    assert stopped(stuck) == {("calc", "lab")}
+    assert re.search(
+        rf"stop user=calc server=lab .*stuck, silent \d+s >= keep-busy-kernels {limit}s",
+        stuck.stderr,
+    ), stuck.stderr
+    assert hub.snapshot() == {"plain": {}, "calc": {"lab": "stopped"}, "starter": {}}
+
+
+def test_a_polling_tab_keeps_a_server_only_by_the_hubs_activity(hub):
+    start_servers(hub, ("tab", ""), ("quiet", ""))
+    for user in ("tab", "quiet"):
+        hub.run_code(user, "", hub.start_kernel(user), "1 + 1", until="idle")
+    ran_at = time.monotonic()
+    polling = threading.Event()
+
+    def poll():  # what an open JupyterLab tab does, every few seconds
+        while not polling.wait(1.5):
+            requests.get(f"{hub.server_url('tab')}api/contents", headers=hub.session.headers)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        time.sleep(IDLE_AFTER)
+        by_hub = cull(hub, "--activity-source=hub")
+        assert stopped(by_hub) == {("quiet", "")}
+        assert kept(by_hub)[("tab", "")]["inside"] is None  # the Hub's activity: no look
+
+        by_kernels = cull(hub, "--activity-source=kernels")
+        assert stopped(by_kernels) == {("tab", "")}
+        action = by_kernels.json["actions"][0]
+        idle_inside = action["inside"]["idle_s"]
+        assert idle_inside >= TIMEOUT and idle_inside <= time.monotonic() - ran_at + 2
+        assert action["inside"]["kernels"] == 1 and action["inside"]["busy"] == 0
+        assert "idle inside" in action["reason"]
+    finally:
+        polling.set()
+        poller.join()
+    assert hub.snapshot() == {"tab": {}, "quiet": {}}
+
+
+def test_a_filtered_role_looks_only_where_it_may(hub):
+    """access:servers!user=one: the other servers answer 403; the Hub's verdict stands there."""
+    start_servers(hub, ("one", ""), ("two", ""))
+    for user in ("one", "two"):
+        hub.run_code(user, "", hub.start_kernel(user), SLEEP, until="busy")
+    time.sleep(IDLE_AFTER)
+
+    result = cull(hub, "--keep-busy-kernels=600", token="idle-culler-looks-one")
+
+    assert hub.snapshot() == {"one": {"": "ready"}, "two": {}}
+    assert kept(result)[("one", "")]["inside"]["busy"] == 1
+    error = result.json["actions"][0]["inside"]["error"]
+    assert error.endswith("HTTP 403 Forbidden"), error
+    assert "could not look inside user=two server=(default)" in result.stderr
+
+    # The Hub's own port does not pass /user/... on: looks sent there fail, the Hub decides.
+    hub_port = hub.api_url.split("/hub/api")[0]
+    wrong = hub.run_culler(
+        "--json", f"--timeout={TIMEOUT}", f"--server-api-url={hub_port}",
+        "--activity-source=kernels", "--dry-run", "--dry-run-looks", token="idle-culler-looks",
+    )  # fmt: skip
+    assert wrong.returncode == 0, str(wrong)
+    seen = {**kept(wrong), **{(a["user"], a["server"]): a for a in wrong.json["actions"]}}
+    assert "HTTP 302 Found (to /hub/user/one/api/kernels" in seen[("one", "")]["inside"]["error"]
+    assert hub.snapshot() == {"one": {"": "ready"}, "two": {}}
