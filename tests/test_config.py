@@ -76,6 +76,15 @@ def test_the_hook_decides_through_the_arbiter_path(fake_hub, tmp_path):
     assert result.json["summary"]["servers_stopped"] == 2
 
 
+def test_an_async_hook_is_awaited_like_an_async_arbiter(fake_hub, tmp_path):
+    fake_hub.add_user("idle", servers={"": server(last_activity=iso(3600))})
+    hook = "async def never(inactive, inactive_limit, server):\n    return False\n"
+    config = write(tmp_path / "c.py", hook + "c.IdleCuller.cull_arbiter_hook = never\n")
+    result = run_cull(fake_hub, f"--config={config}", "--json")
+    assert result.exit_code == 0 and result.json["summary"]["servers_stopped"] == 0
+    assert fake_hub.stops == []
+
+
 def test_a_hook_imported_from_the_working_directory(fake_hub, captured, tmp_path, monkeypatch):
     write(tmp_path / "config_test_hook.py", "def decide(**kw):\n    return False\n")
     write(tmp_path / "idle_culler_config.py", "from config_test_hook import decide\n"

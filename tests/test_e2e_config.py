@@ -1,0 +1,47 @@
+"""End to end: upstream's Python config file, as a Hub-managed idle-cull finds it."""
+
+import sys
+import time
+
+import pytest
+from realhub import RealHub, wait_until
+
+pytestmark = pytest.mark.e2e
+
+CONFIG = """\
+c = get_config()  # noqa: F821
+
+
+def keep_gpu(inactive, inactive_limit, server):
+    return server["name"] != "gpu" and inactive.total_seconds() >= inactive_limit
+
+
+c.IdleCuller.timeout = 2
+c.IdleCuller.cull_every = 1
+c.IdleCuller.cull_arbiter_hook = keep_gpu
+"""
+
+
+def test_a_managed_service_reads_idle_culler_config_py_in_its_working_directory(tmp_path):
+    config = tmp_path / "idle_culler_config.py"
+    config.write_text(CONFIG)
+    # Upstream's service entry with the module's name changed, no flags: the file decides.
+    with RealHub(tmp_path, managed_culler=[sys.executable, "-m", "idle_cull"]) as hub:
+        hub.create_users("idle", "active")
+        for user in ("idle", "active"):
+            hub.start_server(user)
+            hub.start_server(user, "gpu")
+        expected = {"idle": {"gpu": "ready"}, "active": {"": "ready", "gpu": "ready"}}
+
+        def idle_culled():
+            hub.touch("active", "")  # the hook keeps every gpu server: no touch needed there
+            return hub.snapshot() == expected
+
+        wait_until(idle_culled, 30, "the managed culler to stop idle's default server")
+        time.sleep(3)  # more passes: the hook still keeps the idle gpu server
+        hub.touch("active", "")
+        assert hub.snapshot() == expected
+    log = hub.log_text()
+    assert f"read the config file {config}" in log
+    assert "stop user=idle server=(default)" in log
+    assert "Traceback" not in log
