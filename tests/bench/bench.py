@@ -11,6 +11,9 @@ ratios ours/upstream and ours/bound, where bound = requests x latency / concurre
 the Hub alone needs with `concurrency` requests always in flight. Then PASS/FAIL per target.
 A third row, "floor" (floor.py), is a bare requests client doing the same pass with nothing
 else: how near the bound this machine, the fake Hub and `requests` let any such culler come.
+A last row, "looks", is ours with --keep-busy-kernels: 1,000 servers, all idle by the Hub, each
+looked inside (GET /user/<name>/api/kernels on the fake Hub) before it is stopped; half have a
+busy kernel and are kept.
 
 Not collected by pytest (no test_ prefix); timings never belong in the test suite.
 """
@@ -32,6 +35,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 TOKEN = "bench-token"
+CULLERS = ("ours", "upstream", "floor", "looks")
+# The "looks" row: 800 users, every 4th with a named server: 1,000 candidates at 10 ms.
+LOOK_USERS, LOOK_LATENCY_MS, LOOK_BUSY_SHARE = 800, 10.0, 0.5
 
 
 class HubProcess:
@@ -115,26 +121,37 @@ def other_cmd(args, culler: str, url: str) -> list[str]:
 
 
 def pass_duration(culler: str, stdout: str, log: str) -> float | None:
-    if culler != "ours":
+    if culler not in ("ours", "looks"):
         return json.loads(stdout.strip().splitlines()[-1])["duration_s"] if stdout else None
     found = re.search(r"summary: .*duration=([0-9.]+)s", log)
     return float(found[1]) if found else None
 
 
 def run_one(args, hub: HubProcess, culler: str, users: int, latency_ms: float) -> Run:
+    looks = {"idle_share": 1.0, "busy_share": LOOK_BUSY_SHARE} if culler == "looks" else {}
+    start = {"idle_share": args.idle_share, **looks}
     info = hub.call(
         cmd="start",
         users=users,
-        idle_share=args.idle_share,
         named_every=args.named_every,
         latency=latency_ms / 1000,
         token=TOKEN,
         timeout=args.timeout,
+        **start,
     )
     # Outer settings must not leak in (JUPYTERHUB_SERVICE_NAME would make ours loop).
     env = {k: v for k, v in os.environ.items() if not k.startswith(("IDLE_CULL_", "JUPYTERHUB_"))}
     env["JUPYTERHUB_API_TOKEN"] = TOKEN
-    cmd = ours_cmd(args, info["url"]) if culler == "ours" else other_cmd(args, culler, info["url"])
+    if culler in ("ours", "looks"):
+        cmd = ours_cmd(args, info["url"])
+    else:
+        cmd = other_cmd(args, culler, info["url"])
+    if looks:  # the fake Hub also answers as the proxy does for the servers' own API
+        cmd += [
+            "--server-api-url",
+            info["url"].removesuffix("/hub/api"),
+            "--keep-busy-kernels=3600",
+        ]
     log_path = Path(args.log_dir) / f"{culler}-{users}-{latency_ms:g}ms.log"
     wall, cpu, rss, code, stdout = measure(cmd, env, log_path)
     stats = hub.call(cmd="stop")
@@ -147,7 +164,7 @@ def run_one(args, hub: HubProcess, culler: str, users: int, latency_ms: float) -
     return Run(
         culler=culler,
         users=users,
-        idle_share=args.idle_share,
+        idle_share=start["idle_share"],
         latency_ms=latency_ms,
         wall_s=wall,
         pass_s=pass_duration(culler, stdout, log),
@@ -278,6 +295,26 @@ def targets(runs: list[Run], concurrency: int) -> list[tuple[bool | None, str]]:
                 f"no DELETE before the listing ended ({where})",
             )
         )
+    for r in (r for r in runs if r.culler == "looks"):
+        bound = r.bound_s(concurrency)
+        where = f"looks: {r.users:,} users, {r.latency_ms:g} ms"
+        alone = f", the pass alone {r.pass_s / bound:.2f}x" if r.pass_s else ""
+        checks += [
+            (
+                r.stopped == r.expected_stops and r.exit_code == 0,
+                f"stopped every idle server without a busy kernel and exited 0 ({where}): "
+                f"{r.stopped}/{r.expected_stops}, exit {r.exit_code}",
+            ),
+            (
+                r.wall_s <= 1.3 * bound,
+                f"wall within 1.3x of the bound ({where}): {r.wall_s:.2f}s vs {bound:.2f}s = "
+                f"{r.wall_s / bound:.2f}x{alone}",
+            ),
+            (
+                r.peak_in_flight <= concurrency,
+                f"peak in flight <= {concurrency} ({where}): {r.peak_in_flight}",
+            ),
+        ]
     if not any(r.users == 100_000 for r in ours):
         checks.append((None, "peak RSS < 100 MB at 100,000 users: not run (SIZES=...,100000)"))
     return checks
@@ -299,7 +336,9 @@ def main() -> int:
     parser.add_argument(
         "--repeat", type=int, default=1, help="runs per culler and size; the median is shown"
     )
-    parser.add_argument("--cullers", default="ours,upstream,floor", help="run only some of them")
+    parser.add_argument(
+        "--cullers", default=",".join(CULLERS), help="run only some of them (looks: see above)"
+    )
     parser.add_argument("--ours", default="idle_cull.py", help="e.g. a changed copy to compare")
     parser.add_argument(
         "--ours-prefix",
@@ -329,24 +368,28 @@ def main() -> int:
     began = time.perf_counter()
     try:
         configs = [(u, lat) for u in sizes for lat in latencies for _ in range(args.repeat)]
+        jobs = []
         for n, (users, latency) in enumerate(configs):
             # Rotate who goes first, so no one always meets a warm (or tired) machine.
             order = ("ours", "upstream", "floor")[n % 3 :] + ("ours", "upstream", "floor")[: n % 3]
-            for culler in (c for c in order if c in args.cullers.split(",")):
-                run = run_one(args, hub, culler, users, latency)
-                runs.append(run)
-                print(
-                    f"  {users:>7,} users {latency:>3g} ms {culler:<8} wall {run.wall_s:7.2f}s "
-                    f"cpu {run.cpu_s:7.2f}s rss {run.rss_mb:6.1f}MB "
-                    f"requests {run.requests:>7,} peak {run.peak_in_flight} "
-                    # Other work on this machine skews the figures; this shows how much there was.
-                    f"(load average {os.getloadavg()[0]:.1f})",
-                    flush=True,
-                )
+            jobs += [(c, users, latency) for c in order if c in args.cullers.split(",")]
+        if "looks" in args.cullers.split(","):
+            jobs += [("looks", LOOK_USERS, LOOK_LATENCY_MS)] * args.repeat
+        for culler, users, latency in jobs:
+            run = run_one(args, hub, culler, users, latency)
+            runs.append(run)
+            print(
+                f"  {users:>7,} users {latency:>3g} ms {culler:<8} wall {run.wall_s:7.2f}s "
+                f"cpu {run.cpu_s:7.2f}s rss {run.rss_mb:6.1f}MB "
+                f"requests {run.requests:>7,} peak {run.peak_in_flight} "
+                # Other work on this machine skews the figures; this shows how much there was.
+                f"(load average {os.getloadavg()[0]:.1f})",
+                flush=True,
+            )
     finally:
         hub.close()
     runs = medians(runs)
-    runs.sort(key=lambda r: (r.users, r.latency_ms, ("ours", "upstream", "floor").index(r.culler)))
+    runs.sort(key=lambda r: (r.culler == "looks", r.users, r.latency_ms, CULLERS.index(r.culler)))
 
     print()
     if args.repeat > 1:

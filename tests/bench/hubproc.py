@@ -5,7 +5,9 @@ time and peak memory read for a culler are its own. One JSON command per line on
 answer per line on stdout:
 
     {"cmd": "start", "users": N, "idle_share": 0.5, "named_every": 4, "latency": 0.01,
-     "token": "...", "timeout": 600}
+     "token": "...", "timeout": 600, "busy_share": 0.5}
+        busy_share (optional): the token may look inside servers (access:servers), and each
+        server has a busy kernel with that probability (--keep-busy-kernels keeps those)
         -> {"url": ..., "expected_stops": int, "build_s": float}
     {"cmd": "stop"}
         -> {"requests": int, "counts": {kind: int}, "peak_in_flight": int, "stopped": int,
@@ -24,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for fakehub
 
-from fakehub import CULLER_SCOPES, FakeHub, iso, server  # noqa: E402
+from fakehub import CULLER_SCOPES, FakeHub, iso, kernel, server  # noqa: E402
 
 SEED = 6
 
@@ -35,7 +37,9 @@ def build(command: dict) -> tuple[FakeHub, int]:
     A server is idle (last active 6 timeouts ago) with probability idle_share, else active
     (a minute ago); the draw is seeded, so the same command always builds the same Hub.
     """
-    hub = FakeHub(token=command["token"], scopes=CULLER_SCOPES, latency=command["latency"])
+    busy_share = command.get("busy_share")
+    scopes = CULLER_SCOPES + (["access:servers"] if busy_share is not None else [])
+    hub = FakeHub(token=command["token"], scopes=scopes, latency=command["latency"])
     rng = random.Random(SEED)
     idle_at, active_at, started = iso(6 * command["timeout"]), iso(60), iso(7 * command["timeout"])
     expected = 0
@@ -44,7 +48,10 @@ def build(command: dict) -> tuple[FakeHub, int]:
         servers = {}
         for name in names:
             idle = rng.random() < command["idle_share"]
-            expected += idle
+            busy = busy_share is not None and rng.random() < busy_share
+            if busy:
+                hub.set_inside(f"user{i}", name, kernels=[kernel("busy", 60)])
+            expected += idle and not busy
             servers[name] = server(started=started, last_activity=idle_at if idle else active_at)
         last = max(s["last_activity"] for s in servers.values())  # same format: sorts by time
         hub.add_user(f"user{i}", last_activity=last, servers=servers)
