@@ -1,9 +1,10 @@
 """Upstream's Python config file (idle_culler_config.py), read without traitlets."""
 
 import logging
+import sys
 
 import pytest
-from conftest import TOKEN, run_cull
+from conftest import REPO, TOKEN, run_cull
 from fakehub import iso, server
 
 import idle_cull
@@ -332,3 +333,26 @@ def test_generate_config_prints_every_setting_and_loads_back_to_the_defaults(
     assert uncommented.count("\nc.") == len(idle_cull.CONFIG_TRAITS)
     logging.getLogger().setLevel(logging.WARNING)
     assert settings(f"--config={write(tmp_path / 'uncommented.py', uncommented)}") == defaults
+
+
+def readme_block(language, after):
+    text = (REPO / "README.md").read_text()
+    start = text.index(f"```{language}\n", text.index(after)) + len(language) + 4
+    return text[start : text.index("```", start)]
+
+
+def test_the_readme_config_examples_read_as_documented(fake_hub, captured, tmp_path, monkeypatch):
+    toml = write(tmp_path / "c.toml", readme_block("toml", "## The configuration file"))
+    assert run_cull(fake_hub, f"--config={toml}").exit_code == 0
+    policy = captured["policy"]
+    assert (policy.timeout, policy.max_age, policy.user_timeout) == (8 * 3600, 86400, 30 * 86400)
+    assert [(r.timeout, r.max_age) for r in policy.rules] == [(1800, None), (3600, 4 * 3600)]
+    write(tmp_path / "my_rules.py", "def decide(**kw):\n    return False\n")
+    monkeypatch.chdir(tmp_path)
+    sys.modules.pop("my_rules", None)  # the README's name: ours, not one imported before
+    python = readme_block("python", "### Upstream's Python config file")
+    write(tmp_path / "idle_culler_config.py", python)
+    assert run_cull(fake_hub).exit_code == 0
+    policy = captured["policy"]
+    assert policy.timeout == 86400 and policy.cull_users and policy.arbiter.__module__ == "my_rules"
+    sys.modules.pop("my_rules")
