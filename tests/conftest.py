@@ -63,6 +63,17 @@ def captured(monkeypatch):
     return seen
 
 
+def assert_usage_error(result, message: str, hub: FakeHub | None = None) -> None:
+    """Exit 2 with one line naming the problem, no traceback (and nothing sent to `hub`)."""
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("idle-cull: error: "), result.stderr
+    assert message in lines[0]
+    assert "Traceback" not in result.output
+    if hub is not None:
+        assert hub.requests == []
+
+
 def _args(hub: FakeHub, args: tuple) -> list[str]:
     args_list = [str(a) for a in args]
     if not any(a == "--url" or a.startswith("--url=") for a in args_list):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import requests
-from conftest import REPO, TOKEN, run_cull, run_cull_subprocess
+from conftest import REPO, TOKEN, assert_usage_error, run_cull, run_cull_subprocess
 from fakehub import FakeHub, iso, server
 
 import idle_cull
@@ -392,13 +392,7 @@ def test_unreachable_hub_exits_3():
     ],
 )
 def test_usage_errors_are_one_line_and_exit_2(fake_hub, args, env, message):
-    result = run_cull(fake_hub, *args, env=env)
-    assert result.exit_code == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("idle-cull: error: ")
-    assert message in lines[0]
-    assert "Traceback" not in result.output
-    assert fake_hub.requests == []
+    assert_usage_error(run_cull(fake_hub, *args, env=env), message, fake_hub)
 
 
 def test_token_file_is_read_and_nothing_leaks_the_token(fake_hub, tmp_path):

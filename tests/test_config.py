@@ -4,7 +4,7 @@ import logging
 import sys
 
 import pytest
-from conftest import REPO, TOKEN, run_cull
+from conftest import REPO, TOKEN, assert_usage_error, run_cull
 from fakehub import iso, server
 
 import idle_cull
@@ -154,13 +154,7 @@ def test_sections_are_dicts_as_in_traitlets(fake_hub, captured, tmp_path):
 )
 def test_bad_python_config_files_are_one_line_and_exit_2(fake_hub, tmp_path, text, message):
     config = write(tmp_path / "c.py", text)
-    result = run_cull(fake_hub, f"--config={config}")
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("idle-cull: error: ")
-    assert message in lines[0]
-    assert "Traceback" not in result.output
-    assert fake_hub.requests == []
+    assert_usage_error(run_cull(fake_hub, f"--config={config}"), message, fake_hub)
 
 
 def test_a_config_file_that_fails_on_the_token_does_not_show_it(fake_hub, tmp_path):
@@ -248,12 +242,7 @@ def test_numbers_in_files_stay_numbers(fake_hub, captured, tmp_path):
     ],
 )
 def test_bad_durations_are_one_line_with_an_example(fake_hub, args, env, message):
-    result = run_cull(fake_hub, *args, env=env)
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("idle-cull: error: ")
-    assert message in lines[0]
-    assert fake_hub.requests == []
+    assert_usage_error(run_cull(fake_hub, *args, env=env), message, fake_hub)
 
 
 @pytest.mark.parametrize(
@@ -274,9 +263,7 @@ def test_bad_durations_are_one_line_with_an_example(fake_hub, args, env, message
 )
 def test_bad_values_in_toml_are_one_line_and_exit_2(fake_hub, tmp_path, text, message):
     result = run_cull(fake_hub, f"--config={write(tmp_path / 'c.toml', text)}")
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0]
+    assert_usage_error(result, message, fake_hub)
 
 
 def test_the_same_timeout_bound_on_the_command_line_and_in_a_rule(fake_hub, tmp_path):
