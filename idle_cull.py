@@ -21,13 +21,14 @@ import re
 import reprlib
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -53,6 +54,7 @@ GROUP_SCOPES = ("read:users:groups",)  # for group exclusions and rules
 LOOK_SCOPES = ("access:servers",)  # to look inside servers (--server-api-url)
 CLOCK_SKEW_WARNING = 60  # seconds
 RETRY_AFTER_CAP = 30  # seconds; a proxy asking for longer must not hang a cron job
+TICK = 0.2  # seconds: how soon a waiting thread notices a signal or a deadline
 LOOK_TIMEOUT = 10  # seconds, at most, for a server's own API to answer a look
 PATH_CHARACTERS = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@%/]*")  # of a URL path, quoted
 
@@ -477,9 +479,165 @@ class HubError(Exception):
     """A request to the Hub failed. The message names what failed and never holds the token."""
 
 
+class Abandoned(HubError):
+    """The pass ended (--max-runtime or a signal) before the request had its whole answer."""
+
+    def __init__(self, message: str, *, sent: bool):
+        super().__init__(message)
+        self.sent = sent  # False: never sent, so the Hub did nothing; True: it may have acted
+
+
+class _Gate:
+    """Says whether a request may start: not after a stop signal or past the deadline."""
+
+    def __init__(self, stop: threading.Event, max_runtime: float):
+        self.stop = stop
+        self.deadline = time.monotonic() + max_runtime if max_runtime else None
+
+    def why_closed(self) -> str | None:
+        if self.stop.is_set():
+            return "stopped by a signal"
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return "--max-runtime reached"
+        return None
+
+    def time_left(self) -> float:
+        return math.inf if self.deadline is None else self.deadline - time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep, but wake when the gate closes."""
+        self.stop.wait(max(0.0, min(seconds, self.time_left())))
+
+
+_this_thread = threading.local()  # .flight: the call to the Hub this thread is making
+
+
+class _Flight:
+    """One call to the Hub as the watchdog sees it: the connection of the attempt under way."""
+
+    def __init__(self, what: str, timeout: float, gate: _Gate, lock: threading.Lock):
+        self.what, self.timeout, self.gate, self.lock = what, timeout, gate, lock
+        self.conn = None  # None between attempts: the connection is back in the pool
+        self.deadline = math.inf
+        self.sent = False
+        self.timed_out = False  # the watchdog cut the last attempt at its deadline
+
+    def attempt(self, conn) -> None:
+        """An attempt (the first, or a retry) sends its request on `conn`."""
+        if reason := self.gate.why_closed():
+            raise self.abandoned(reason)  # no request starts after the deadline or a signal
+        with self.lock:
+            self.conn, self.deadline = conn, time.monotonic() + self.timeout
+            self.sent, self.timed_out = True, False
+
+    def between_attempts(self) -> None:
+        with self.lock:
+            self.conn = None
+
+    def cut_if_due(self, now: float) -> None:
+        """Shut the connection past the attempt's deadline or the gate (the lock is held)."""
+        if self.conn is None:
+            return
+        closed = self.gate.why_closed()
+        if closed is None and now < self.deadline:
+            return
+        if self.conn.sock is not None:
+            with contextlib.suppress(OSError):
+                # The plain socket's shutdown, TLS or not: it wakes a read blocked on it.
+                socket.socket.shutdown(self.conn.sock, socket.SHUT_RDWR)
+        self.conn, self.timed_out = None, closed is None
+
+    def abandoned(self, reason: str) -> Abandoned:
+        if self.sent:
+            return Abandoned(f"{self.what}: abandoned in flight: {reason}", sent=True)
+        return Abandoned(f"{self.what}: not sent: {reason}", sent=False)
+
+
+class _Watchdog:
+    """Ends calls that outlive their attempt's deadline or their gate, by shutting their socket.
+
+    A read timeout bounds each read only: a Hub (or a proxy) that sends its answer a byte at a
+    time never reaches it. Shutting the socket from this thread wakes the read, however slow.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.flights: set[_Flight] = set()
+        self.wake = threading.Event()
+        self.closed = False
+        self.thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def watch(self, what: str, timeout: float, gate: _Gate) -> Iterator[_Flight]:
+        flight = _Flight(what, timeout, gate, self.lock)
+        if reason := gate.why_closed():
+            raise flight.abandoned(reason)
+        with self.lock:
+            if not self.flights:
+                self.wake.set()  # the watchdog sleeps while nothing is in flight
+            self.flights.add(flight)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="idle-cull-watchdog")
+                self.thread.daemon = True
+                self.thread.start()
+        _this_thread.flight = flight
+        try:
+            yield flight
+        finally:
+            _this_thread.flight = None
+            with self.lock:
+                self.flights.discard(flight)
+
+    def close(self) -> None:
+        self.closed = True
+        self.wake.set()
+
+    def _run(self) -> None:
+        while not self.closed:
+            with self.lock:
+                now = time.monotonic()
+                for flight in self.flights:
+                    flight.cut_if_due(now)
+                busy = bool(self.flights)
+            self.wake.wait(TICK if busy else None)
+            self.wake.clear()
+
+
+class _WatchedConnection:
+    """Mixed into urllib3's connections: tells the watchdog which connection a call uses."""
+
+    def request(self, *args, **kwargs):
+        if flight := getattr(_this_thread, "flight", None):
+            flight.attempt(self)
+        return super().request(*args, **kwargs)
+
+
+_WATCHED = {
+    cls: type(f"Watched{cls.__name__}", (_WatchedConnection, cls), {})
+    for cls in (urllib3.connection.HTTPConnection, urllib3.connection.HTTPSConnection)
+}
+
+
+class _WatchedAdapter(HTTPAdapter):
+    def get_connection_with_tls_context(self, *args, **kwargs):
+        pool = super().get_connection_with_tls_context(*args, **kwargs)
+        # A SOCKS proxy brings its own connection class: that keeps the per-read timeout only.
+        pool.ConnectionCls = _WATCHED.get(pool.ConnectionCls, pool.ConnectionCls)
+        return pool
+
+
 class _CappedRetry(Retry):
     def parse_retry_after(self, retry_after: str) -> float:
         return min(super().parse_retry_after(retry_after), RETRY_AFTER_CAP)
+
+    def sleep(self, response=None) -> None:
+        flight = _this_thread.flight
+        # The last attempt's connection is back in the pool, maybe already another call's.
+        flight.between_attempts()
+        retry_after = (
+            response and self.respect_retry_after_header and self.get_retry_after(response)
+        )
+        flight.gate.sleep(retry_after or self.get_backoff_time())
 
 
 class _TokenAuth(requests.auth.AuthBase):
@@ -506,6 +664,9 @@ class HubClient:
     ):
         self.base = url.rstrip("/")
         self.timeout = request_timeout
+        # Set for each pass: past it no request starts, and none in flight is used.
+        self.gate = _Gate(threading.Event(), 0)
+        self.watchdog = _Watchdog()
         self.hub_clock = hub_clock
         self._clock_anchor: tuple[datetime, float] | None = None
         self._clock_lock = threading.Lock()
@@ -522,7 +683,7 @@ class HubClient:
             redirect=False,
         )
         # pool_block keeps connections (and so requests in flight) at `concurrency`.
-        adapter = HTTPAdapter(pool_maxsize=concurrency, max_retries=retry, pool_block=True)
+        adapter = _WatchedAdapter(pool_maxsize=concurrency, max_retries=retry, pool_block=True)
         self.session = requests.Session()
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
@@ -545,13 +706,14 @@ class HubClient:
         self._wire_base = requests.Request("GET", self.base).prepare().url.rstrip("/")
 
     def close(self) -> None:
+        self.watchdog.close()
         self.session.close()
 
     def _request(
         self, method: str, path: str, what: str, params: dict | None = None, **kwargs
     ) -> requests.Response:
         url = self._wire_base + path
-        response = _send(self.session, method, url, what, self.timeout, params, **kwargs)
+        response = _send(self, method, url, what, self.timeout, params, **kwargs)
         self._note_hub_date(response)
         return response
 
@@ -562,6 +724,8 @@ class HubClient:
             return response.json()
         except ValueError:
             raise HubError(f"{what}: the answer is not JSON") from None
+        except RecursionError:
+            raise HubError(f"{what}: the answer is JSON nested too deep to read") from None
 
     def _note_hub_date(self, response: requests.Response) -> None:
         if self._clock_anchor is not None:
@@ -692,7 +856,7 @@ def _is_hub_404(response: requests.Response, messages: tuple) -> bool:
         return False
     try:
         body = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return isinstance(body, dict) and body.get("status") == 404 and body.get("message") in messages
 
@@ -714,7 +878,7 @@ class ServerClient:
     """
 
     def __init__(self, hub: HubClient, url: str, timeout: float):
-        self.session = hub.session
+        self.hub = hub
         parts = urlsplit(url)
         # As requests spells it (lower case, IDNA): looks are sent as built, like the Hub's.
         self.origin = requests.Request("GET", f"{parts.scheme}://{parts.netloc}").prepare().url
@@ -742,7 +906,7 @@ class ServerClient:
     def get(self, server_url: object, endpoint: str, what: str) -> tuple[object, datetime | None]:
         """The JSON answer and the server's Date; LookFailed for anything but 200 JSON."""
         response = _send(
-            self.session,
+            self.hub,
             "GET",
             self.api_url(server_url, endpoint),
             what,
@@ -759,7 +923,7 @@ class ServerClient:
             )
         try:
             answer = response.json()
-        except ValueError:
+        except (ValueError, RecursionError):
             raise LookFailed(f"{what}: the answer is not JSON", 200) from None
         try:
             date = parsedate_to_datetime(response.headers["Date"])
@@ -769,7 +933,7 @@ class ServerClient:
 
 
 def _send(
-    session: requests.Session,
+    hub: HubClient,
     method: str,
     url: str,
     what: str,
@@ -778,28 +942,35 @@ def _send(
     proxies: dict | None = None,
     **kwargs,
 ) -> requests.Response:
-    """One request, sent with the URL as built, redirects not followed; every failure a
-    HubError naming `what`."""
+    """One request on the Hub client's session, sent with the URL as built, redirects not
+    followed, each attempt's whole answer within `timeout` (see _Watchdog); every failure a
+    HubError naming `what`, Abandoned once the client's gate has closed."""
     url += f"?{urlencode(params)}" if params else ""
     # requests re-quotes a URL (turning %2E back into ".") and collapses "." and ".."
     # segments: the request is prepared, then sent with the URL exactly as built.
-    prepared = session.prepare_request(requests.Request(method, url, **kwargs))
+    prepared = hub.session.prepare_request(requests.Request(method, url, **kwargs))
     prepared.url = url
     sending = {} if proxies is None else {"proxies": proxies}
-    try:
-        return session.send(prepared, timeout=timeout, allow_redirects=False, **sending)
-    except requests.exceptions.RetryError as exc:
-        raise HubError(f"{what}: gave up after retries ({_cause(exc)})") from None
-    except requests.Timeout:
-        raise HubError(f"{what}: no answer within {timeout:g}s") from None
-    except requests.RequestException as exc:
-        raise HubError(f"{what}: {_cause(exc)}") from None
+    with hub.watchdog.watch(what, timeout, hub.gate) as flight:
+        try:
+            response = hub.session.send(prepared, timeout=timeout, allow_redirects=False, **sending)
+        except requests.RequestException as exc:
+            if reason := hub.gate.why_closed():
+                raise flight.abandoned(reason) from None
+            if flight.timed_out or isinstance(exc, requests.Timeout):
+                raise HubError(f"{what}: no whole answer within {timeout:g}s") from None
+            if isinstance(exc, requests.exceptions.RetryError):
+                raise HubError(f"{what}: gave up after retries ({_cause(exc)})") from None
+            raise HubError(f"{what}: {_cause(exc)}") from None
+        if reason := hub.gate.why_closed():
+            raise flight.abandoned(reason)  # an answer after the deadline is not used
+    return response
 
 
 def _message(response: requests.Response) -> str:
     try:
         message = response.json().get("message")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         message = None
     return str(message)[:200] if message else response.reason or ""
 
@@ -822,6 +993,7 @@ NOTIFY_TIMEOUT = 30  # seconds one --notify-command may take
 # The environment --notify-command gets (and LC_*): what finds programs, the user, the language.
 NOTIFY_ENV = frozenset({"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR"})
 STOP_POLL_INTERVAL = 1.0  # seconds between looks at a server that is stopping
+ABANDON_GRACE = 2.0  # seconds a cut-short pass waits for the requests it cut to say so
 
 
 @dataclass
@@ -944,21 +1116,6 @@ class Progress:
         pass
 
 
-class _Gate:
-    """Says whether a new request may start: not after a stop signal or past the deadline."""
-
-    def __init__(self, stop: threading.Event, max_runtime: float):
-        self.stop = stop
-        self.deadline = time.monotonic() + max_runtime if max_runtime else None
-
-    def why_closed(self) -> str | None:
-        if self.stop.is_set():
-            return "stopped by a signal"
-        if self.deadline is not None and time.monotonic() >= self.deadline:
-            return "--max-runtime reached"
-        return None
-
-
 ARBITER_POLL = 0.1  # seconds between looks at the gate while waiting for an arbiter
 
 
@@ -1064,9 +1221,12 @@ def list_user_pages(
 ) -> Iterator[tuple[list, int | None]]:
     """(page of user models, total from the first page) as pages arrive.
 
-    Failures after the first page go to `errors`. Once the first page (`first`, when it was
-    already fetched) gives the total, the other pages are fetched concurrently. Offsets are
-    only stable while nothing is stopped, so the caller acts after the listing.
+    Failures after the first page (`first`, when it was already fetched) go to `errors`.
+    Later pages are fetched concurrently, a few
+    more requests than workers at a time (so no worker waits for this thread), up to where the
+    Hub's pages say the list ends: the least `total` a page claimed, or a page without `next`.
+    A wild `total` costs only the pages the Hub really serves. Offsets are only stable while
+    nothing is stopped, so the caller acts after the listing.
     """
     items, pagination = first or client.list_users(state, 0, settings.page_size)
     total = pagination.get("total") if pagination else None
@@ -1077,38 +1237,51 @@ def list_user_pages(
     if not (isinstance(limit, int) and limit > 0 and isinstance(total, int)):
         errors.append(f"listing users (state={state}): unreadable pagination {pagination!r:.100}")
         return
-    page_budget = 2 * math.ceil(total / limit) + 10
-    offsets = range(limit, total, limit)
-    seen = {0, *offsets}
+    end = _list_end(total, pagination, 0, limit)
+    following, seen, pending, not_fetched = limit, {0}, {}, 0
     last_offset, last_pagination = 0, pagination
-
-    def fetch(offset: int) -> tuple[list, dict | None] | None:
-        if gate.why_closed():
-            return None  # out of time or told to stop: said once, below
-        return client.list_users(state, offset, limit)
-
-    futures = {pool.submit(fetch, off): off for off in offsets}
-    not_fetched = 0
-    for future in as_completed(futures):
-        offset = futures.pop(future)
-        try:
-            page = future.result()
-        except HubError as exc:
-            errors.append(str(exc))
-            continue
-        if page is None:
-            not_fetched += 1
-            continue
-        items, page_pagination = page
-        if offset > last_offset:
-            last_offset, last_pagination = offset, page_pagination or {}
-        yield items, total
+    while True:
+        while len(pending) < 2 * settings.concurrency and following < end:
+            if gate.why_closed():
+                break
+            pending[pool.submit(client.list_users, state, following, limit)] = following
+            seen.add(following)
+            following += limit
+        if not pending:
+            break
+        done = _wait_any(pending, gate)
+        if not done:
+            errors.append(
+                f"listing users (state={state}): {len(pending)} page(s) abandoned in flight: "
+                f"{gate.why_closed()}"
+            )
+            return
+        for future in done:
+            offset = pending.pop(future)
+            try:
+                items, page_pagination = future.result()
+            except Abandoned as exc:
+                if exc.sent:
+                    errors.append(str(exc))
+                else:
+                    not_fetched += 1  # said once, below
+                continue
+            except HubError as exc:
+                errors.append(str(exc))
+                continue
+            page_pagination = page_pagination or {}
+            end = _list_end(end, page_pagination, offset, limit)
+            if offset > last_offset:
+                last_offset, last_pagination = offset, page_pagination
+            yield items, total
+    reason = gate.why_closed()
+    if reason:
+        not_fetched += max(0, math.ceil((end - following) / limit))
     if not_fetched:
-        errors.append(
-            f"listing users (state={state}): {not_fetched} page(s) not fetched: {gate.why_closed()}"
-        )
+        errors.append(f"listing users (state={state}): {not_fetched} page(s) not fetched: {reason}")
         return
     # Users added while we listed show up as a `next` after the last page we expected.
+    page_budget = 2 * math.ceil(end / limit) + 10
     pages = len(seen)
     try:
         offset = _next_offset(last_pagination, client.base)
@@ -1128,20 +1301,58 @@ def list_user_pages(
         errors.append(f"listing users (state={state}): {exc}")
 
 
+def _list_end(end: int, pagination: dict, offset: int, limit: int) -> int:
+    """Where the list ends, as far as we know, after reading the page at `offset`."""
+    claimed = pagination.get("total")
+    if isinstance(claimed, int):
+        end = min(end, claimed)
+    return end if pagination.get("next") else min(end, offset + limit)
+
+
+def _wait_any(futures: dict[Future, object] | set[Future], gate: _Gate) -> set[Future]:
+    """Some of `futures` once done; none when the gate has been closed for ABANDON_GRACE.
+
+    Requests in flight when the gate closes end at once (the client cuts them); a worker stuck
+    anyway, where nothing can wake it, is left behind rather than waited for.
+    """
+    give_up = math.inf
+    while True:
+        done, _ = wait(futures, timeout=TICK, return_when=FIRST_COMPLETED)
+        if done:
+            return done
+        if gate.why_closed():
+            give_up = min(give_up, time.monotonic() + ABANDON_GRACE)
+            if time.monotonic() >= give_up:
+                return set()
+
+
 def carry_out(
     client: HubClient, plan: UserPlan, settings: PassSettings, gate: _Gate
 ) -> list[Outcome]:
     """Act on one user's plan: stops first, then the user, only if every stop finished."""
 
     def act(action: str, server: str, verdict: Verdict, request) -> Outcome:
+        def outcome(result: str, error: str | None = None) -> Outcome:
+            return Outcome(
+                action=action,
+                user=plan.user,
+                server=server,
+                verdict=verdict,
+                result=result,
+                error=error,
+            )
+
         if settings.dry_run:
-            return Outcome(action, plan.user, server, verdict, "planned")
+            return outcome("planned")
         if reason := gate.why_closed():
-            return Outcome(action, plan.user, server, verdict, "skipped", reason)
+            return outcome("skipped", reason)
         try:
-            return Outcome(action, plan.user, server, verdict, request())
+            return outcome(request())
+        except Abandoned as exc:
+            # Sent: the Hub may have acted, but nobody heard it say so.
+            return outcome("abandoned" if exc.sent else "skipped", str(exc))
         except HubError as exc:
-            return Outcome(action, plan.user, server, verdict, "failed", str(exc))
+            return outcome("failed", str(exc))
 
     outcomes = []
     for stop in plan.stops:
@@ -1177,7 +1388,7 @@ def _wait_for_stop(
     """After a 202: look until the server is gone ('done') or the wait is over ('stopping')."""
     deadline = time.monotonic() + settings.wait_for_stop
     while (left := deadline - time.monotonic()) > 0 and not gate.why_closed():
-        time.sleep(min(STOP_POLL_INTERVAL, left))
+        gate.sleep(min(STOP_POLL_INTERVAL, left))
         try:
             if not client.server_active(user, server):
                 return "done"
@@ -1198,15 +1409,16 @@ def run_pass(
     started = time.monotonic()
     progress = progress or Progress()
     report = Report(dry_run=settings.dry_run, kept=[] if settings.report_kept else None)
-    gate = _Gate(stop, settings.max_runtime)
+    gate = client.gate = _Gate(stop, settings.max_runtime)
     plans: dict[str, UserPlan] = {}
     warnings: list[tuple[str, str, Verdict]] = []
     waiting: list[tuple[dict, tuple[str, ...]]] = []  # users to plan again after looking inside
     with (
         _arbiter_on_a_loop(policy, client.timeout, gate) as policy,
-        ThreadPoolExecutor(settings.concurrency, thread_name_prefix="idle-cull") as pool,
+        _workers(settings.concurrency, gate) as pool,
     ):
         check: Future | None = None
+        identity = now = None
         try:
             # One round trip before the listing goes on: the first page is asked for with the
             # version. Planning needs no permission, so the listing goes on while the scopes
@@ -1235,10 +1447,12 @@ def run_pass(
                         report.users_scanned += len(page)
                         _plan_page(page, policy, now, plans, warnings, waiting, report)
                 except HubError as exc:
-                    if index == 0:
+                    if index == 0 and not isinstance(exc, Abandoned):
                         raise
                     report.errors.append(str(exc))
             identity = check.result()
+        except Abandoned as exc:
+            report.errors.append(str(exc))  # cut short, not a Hub that cannot be used
         except HubError as exc:
             report.fatal = _failed_check(check) or str(exc)
         except GroupsHidden as exc:
@@ -1262,13 +1476,23 @@ def run_pass(
         if plans:
             progress.start("Culling", len(plans))
         act = functools.partial(carry_out, client, settings=settings, gate=gate)
-        _carry_out_all(pool, plans, act, settings.concurrency, progress, report)
+        _carry_out_all(pool, plans, act, settings.concurrency, gate, progress, report)
         progress.finish()
-    if policy.warn_before and not report.fatal:
+    if policy.warn_before and not report.fatal and now is not None:
         _send_warnings(warnings, now, client.base, settings, gate, report)
     report.incomplete = None if report.fatal else gate.why_closed()
     report.duration = time.monotonic() - started
     return report
+
+
+@contextlib.contextmanager
+def _workers(concurrency: int, gate: _Gate) -> Iterator[ThreadPoolExecutor]:
+    """The pass's threads; once the pass is cut short, one that is stuck is not waited for."""
+    pool = ThreadPoolExecutor(concurrency, thread_name_prefix="idle-cull")
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=gate.why_closed() is None, cancel_futures=True)
 
 
 def _carry_out_all(
@@ -1276,6 +1500,7 @@ def _carry_out_all(
     plans: dict[str, UserPlan],
     act: Callable[[UserPlan], list[Outcome]],
     concurrency: int,
+    gate: _Gate,
     progress: Progress,
     report: Report,
 ) -> None:
@@ -1286,23 +1511,45 @@ def _carry_out_all(
     """
     lock = threading.Lock()
     names = iter(list(plans))
+    in_hand: dict[int, UserPlan] = {}  # worker thread -> the plan it is carrying out
+    left_behind = False  # the pass is reported without the workers still busy
+
+    def record(outcomes: list[Outcome]) -> None:
+        progress.advance()
+        for outcome in outcomes:
+            _log_outcome(outcome)
+            report.outcomes.append(outcome)
 
     def work() -> None:
+        me = threading.get_ident()
         while True:
             with lock:
-                name = next(names, None)
+                name = None if left_behind else next(names, None)
                 if name is None:
                     return
-                plan = plans.pop(name)
+                plan = in_hand[me] = plans.pop(name)
             outcomes = act(plan)
             with lock:
-                progress.advance()
-                for outcome in outcomes:
-                    _log_outcome(outcome)
-                    report.outcomes.append(outcome)
+                if left_behind:
+                    return
+                del in_hand[me]
+                record(outcomes)
 
-    for future in [pool.submit(work) for _ in range(concurrency)]:
-        future.result()
+    pending = {pool.submit(work) for _ in range(concurrency)}
+    while pending and (done := _wait_any(pending, gate)):
+        pending -= done
+        for future in done:
+            future.result()
+    if not pending:
+        return
+    with lock:
+        left_behind = True
+        why = f"no answer by the end of the pass ({gate.why_closed()})"
+        for plan in in_hand.values():
+            # The gate is closed: act() sends nothing and lists the plan's actions as skipped.
+            record([replace(o, result="abandoned", error=why) for o in act(plan)])
+        for name in names:
+            record(act(plans.pop(name)))
 
 
 def _check_hub(
@@ -1649,7 +1896,7 @@ def _log_outcome(outcome: Outcome) -> None:
     verdict = outcome.verdict
     if outcome.result == "failed":
         level = logging.ERROR
-    elif outcome.result in ("stopping", "skipped"):
+    elif outcome.result in ("stopping", "skipped", "abandoned"):
         level = logging.WARNING
     else:
         level = logging.INFO
@@ -1728,8 +1975,8 @@ def write_metrics(report: Report, metrics_file: str | None, pushgateway: str | N
             if report.exit_code != EXIT_OK:
                 registry.unregister(last_success)
             prom.pushadd_to_gateway(pushgateway, job="idle_cull", registry=registry, timeout=10)
-        except OSError as exc:
-            log.error("cannot push metrics to %s: %s", pushgateway, exc)
+        except Exception as exc:  # whatever answers there (or not): never the end of the loop
+            log.error("cannot push metrics to %s: %s: %s", pushgateway, type(exc).__name__, exc)
 
 
 def _previous_metric(path: str, name: str) -> float:
@@ -1844,6 +2091,8 @@ class _Command(click.Command):
     """Every error is one line on stderr and exit 2: operators read cron mail, not tracebacks."""
 
     def main(self, args=None, prog_name=None, **extra):
+        # Test runners pass `args`, and keep their process (see the end).
+        from_command_line = args is None
         try:
             args = normalize_argv(list(sys.argv[1:] if args is None else args))
             extra.pop("standalone_mode", None)
@@ -1863,6 +2112,16 @@ class _Command(click.Command):
                 exc_info=debug,
             )
             code = EXIT_FAILED
+        if from_command_line and any(
+            t.is_alive() and not t.daemon and t is not threading.current_thread()
+            for t in threading.enumerate()
+        ):
+            # A worker that a cut-short pass left behind (stuck where nothing can wake it, such
+            # as a DNS lookup) must not hold the process: the report is out.
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code or 0)
         sys.exit(code or 0)
 
 
@@ -2157,7 +2416,8 @@ def _tls(ssl_enabled: bool, certs: str, ca_bundle: str | None, insecure: bool):
 
 @contextlib.contextmanager
 def _stop_on_signals(stop: threading.Event):
-    """SIGTERM/SIGINT finish the current request and report, instead of killing mid-pass."""
+    """SIGTERM/SIGINT end the pass within a second or so (requests in flight are abandoned)
+    and it still reports, instead of dying mid-pass."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -2264,6 +2524,8 @@ class _TerminalProgress(Progress):
 def result_table(report: Report) -> str:
     """What a pass did, as a small table for a terminal."""
     results = ("planned",) if report.dry_run else ("done", "gone", "stopping", "failed", "skipped")
+    if report.count(("stop", "remove", "delete_user"), ("abandoned",)):
+        results += ("abandoned",)
     rows = [("", *results)]
     for action in ("stop", "remove", "delete_user"):
         counts = [report.count((action,), (result,)) for result in results]
@@ -2369,7 +2631,8 @@ def _check_outputs(metrics_file, pushgateway, warn_before, notify_command, state
 @click.option("--request-timeout", type=REQUEST_TIMEOUT,
               default=lambda: os.environ.get("JUPYTERHUB_REQUEST_TIMEOUT") or 60,
               show_default="$JUPYTERHUB_REQUEST_TIMEOUT, else 60",
-              help="Seconds to wait for each answer from the Hub.")
+              help="Seconds for each attempt at a request to get its whole answer, however "
+                   "slowly it comes (each retry is a new attempt).")
 @click.option("--retries", type=click.IntRange(0, 20), default=3, show_default=True,
               help="Retries of a failed GET or DELETE (connection errors, 429, 5xx), with backoff.")
 @click.option("--ssl-enabled/--no-ssl-enabled", default=False, show_default=True,
@@ -2398,7 +2661,8 @@ def _check_outputs(metrics_file, pushgateway, warn_before, notify_command, state
 @click.option("--lock-file", type=click.Path(dir_okay=False),
               help="Skip the pass (exit 0) when another pass holds this lock.")
 @click.option("--max-runtime", type=SECONDS, default=0, show_default=True,
-              help="Start no new action after this many seconds; exit 1 (0: no limit).")
+              help="End the pass after this many seconds: nothing new starts, what is in "
+                   "flight is abandoned, the report is printed; exit 1 (0: no limit).")
 @click.option("--dry-run/--no-dry-run", default=False, help="Decide and report; change nothing.")
 @click.option("--dry-run-looks/--no-dry-run-looks", default=False,
               help="With --dry-run, still look inside servers (a look counts as activity).")

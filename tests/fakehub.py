@@ -76,9 +76,14 @@ retry can then succeed. Kinds and their params:
     "foreign_next" base="http://evil.example:1/hub/api/users": next link on another host
     "bad_model"    user=NAME (required), model=None: that user's model in listings and
                    GET /users/NAME is replaced by `model` (default: BAD_USER_MODEL(name))
+    "dribble"      interval=0.5: the whole answer (status line, headers, body) is sent one
+                   byte every `interval` seconds; every read gets a byte well within any read
+                   timeout, so only a bound on the whole answer ends it
+    "total"        total=N: the listing's `_pagination.total` claims N users (next links stay
+                   true to the real list)
 A fault counts a use when it applies (bad_model: when the user was in the answer). Transport
-faults ("status", "hang", "drop", "malformed") come before the auth check, like a proxy in front
-of the Hub; the other kinds change an otherwise normal answer.
+faults ("status", "hang", "drop", "malformed", "dribble") come before the auth check, like a proxy
+in front of the Hub; the other kinds change an otherwise normal answer.
 """
 
 from __future__ import annotations
@@ -128,8 +133,10 @@ FAULT_KINDS = {
     "loop_next",
     "foreign_next",
     "bad_model",
+    "dribble",
+    "total",
 }
-_TRANSPORT_FAULTS = {"status", "hang", "drop", "malformed"}
+_TRANSPORT_FAULTS = {"status", "hang", "drop", "malformed", "dribble"}
 
 _DEFAULT = object()
 _kernel_ids = itertools.count()
@@ -687,9 +694,13 @@ class FakeHub:
                 "limit": limit,
                 "url": f"{next_base}?{urlencode(query, doseq=True)}",
             }
+        total = len(names)
+        if (claim := self._take_fault(req, {"total"})) is not None:
+            claim.hits += 1
+            total = claim.params["total"]
         return {
             "items": items,
-            "_pagination": {"offset": offset, "limit": limit, "total": len(names), "next": nxt},
+            "_pagination": {"offset": offset, "limit": limit, "total": total, "next": nxt},
         }
 
     def _server_api(self, req: Request) -> tuple[int, bytes, dict]:
@@ -885,6 +896,9 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             with hub._lock:
                 hub.in_flight -= 1
+            if isinstance(self.wfile, _Dribbling):
+                self.wfile = self.wfile.raw
+                self.close_connection = True  # the answer may have been cut short
 
     def _respond(self, hub: FakeHub, req: Request) -> None:
         with hub._lock:
@@ -910,6 +924,8 @@ class _Handler(BaseHTTPRequestHandler):
                 hub._closing.wait(p.get("seconds", 5.0))
                 if p.get("then", "close") == "close":
                     return self._drop()
+            if fault.kind == "dribble":
+                self.wfile = _Dribbling(self.wfile, p.get("interval", 0.5), hub._closing)
 
         lose_answer = fault is not None and fault.kind == "drop"  # drop(after=True)
         if req.kind == "info":
@@ -932,3 +948,20 @@ class _Handler(BaseHTTPRequestHandler):
         if lose_answer:
             return self._drop()  # the work is done, the answer is lost
         self._send(status, raw=raw)
+
+
+class _Dribbling:
+    """A socket writer that sends one byte at a time, `interval` seconds apart."""
+
+    def __init__(self, raw: Any, interval: float, closing: threading.Event):
+        self.raw, self.interval, self.closing = raw, interval, closing
+
+    def write(self, data: bytes) -> int:
+        for i in range(len(data)):
+            if self.closing.wait(self.interval):
+                raise BrokenPipeError("the hub is stopping")
+            self.raw.write(data[i : i + 1])
+        return len(data)
+
+    def flush(self) -> None:
+        self.raw.flush()

@@ -668,9 +668,12 @@ def test_max_runtime_starts_no_new_action_and_exits_1(hub_factory):
     assert result.exit_code == 1
     outcome = results(result.json)
     skipped = [k for k, v in outcome.items() if v == "skipped"]
-    done = [k for k, v in outcome.items() if v == "done"]
-    assert skipped and done and len(skipped) + len(done) == 12
-    assert len(hub.stops) == len(done)
+    done = {(user, server) for (_, user, server), v in outcome.items() if v == "done"}
+    # The one stop in flight at the deadline is abandoned: the Hub may or may not have acted.
+    abandoned = {(user, server) for (_, user, server), v in outcome.items() if v == "abandoned"}
+    assert skipped and done and len(skipped) + len(done) + len(abandoned) == 12
+    assert len(abandoned) <= 1
+    assert done <= set(hub.stops) <= done | abandoned
     assert "--max-runtime reached" in result.json["errors"]
 
 
@@ -689,8 +692,10 @@ def test_max_runtime_also_ends_the_listing(hub_factory):
 
 
 def test_max_runtime_reached_while_listing_ready_users_skips_the_inactive_listing(hub_factory):
-    hub = hub_factory(latency=1.2)  # the first page alone takes longer than --max-runtime
+    hub = hub_factory()
     hub.add_user("u", servers={"": idle_server()})
+    # The first page alone takes longer than --max-runtime: it is abandoned in flight.
+    hub.add_fault(lambda r: r.kind == "list", "hang", seconds=5, then="answer")
     result = run_cull(hub, "--cull-users", "--max-runtime=1", "--json")
     assert result.exit_code == 1
     assert [r.query.get("state") for r in hub.requests if r.kind == "list"] == ["ready"]
