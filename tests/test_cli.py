@@ -643,7 +643,11 @@ def test_loop_mode_culls_on_every_pass_and_stops_cleanly_on_sigterm(fake_hub, ar
         proc.kill()
     assert proc.returncode == 0, err
     passes = [json.loads(line) for line in out.splitlines()]
-    assert len(passes) >= 2 and all(p["exit_code"] == 0 for p in passes)
+    assert len(passes) >= 2
+    # Only the last pass can be cut short by the signal, and then it says so.
+    *complete, last = passes
+    assert all(p["exit_code"] == 0 for p in complete)
+    assert last["exit_code"] == 0 or "stopped by a signal" in last["errors"], last
     assert "stopping on signal" in err
 
 
