@@ -1,13 +1,21 @@
 """Hubs of every age: the version first, a scope check only where the Hub has scopes."""
 
+import os
+import subprocess
+import sys
+
 import pytest
-from conftest import run_cull
+from conftest import REPO, run_cull
 from fakehub import CULLER_SCOPES, iso, server
 
 from idle_cull import has_scopes
 
 IDLE = 3600  # seconds since last activity, against the default --timeout of 600
 READ_ONLY = ["list:users", "read:users:activity", "read:servers"]
+
+
+def idle_server():
+    return server(last_activity=iso(IDLE))
 
 
 def idle_hub(hub_factory, **settings):
@@ -147,3 +155,35 @@ def test_a_hub_from_1_3_whose_first_page_fails_exits_3(hub_factory):
     assert result.exit_code == 3
     assert "listing users" in result.stderr
     assert hub.counts["list"] == 1 and hub.deletes() == []
+
+
+def test_the_users_with_the_most_stops_are_carried_out_first(hub_factory):
+    # A user's stops run one after another; the long ones first leave no straggler at the end.
+    hub = hub_factory()
+    hub.add_user("one", servers={"": idle_server()})
+    hub.add_user("two", servers={"": idle_server(), "gpu": idle_server()})
+    result = run_cull(hub, "--concurrency=1")
+    assert result.exit_code == 0, result.stderr
+    assert hub.stops == [("two", "gpu"), ("two", ""), ("one", "")]
+
+
+LAZY = ("subprocess", "fcntl", "asyncio", "tomllib", "prometheus_client", "click._termui_impl")
+
+
+def test_a_plain_pass_imports_only_what_it_needs(fake_hub):
+    fake_hub.add_user("u", servers={"": server(last_activity=iso(IDLE))})
+    script = (
+        "import runpy, sys\n"
+        f"sys.argv = ['idle-cull', '--url', {fake_hub.url!r}]\n"
+        "try:\n"
+        "    runpy.run_module('idle_cull', run_name='__main__')\n"
+        "except SystemExit as exit:\n"
+        f"    print(exit.code, sorted(m for m in {LAZY!r} if m in sys.modules))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IDLE_CULL_", "JUPYTERHUB_"))}
+    env["JUPYTERHUB_API_TOKEN"] = fake_hub.token
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert proc.stdout.split(None, 1) == ["0", "[]\n"], proc.stderr
+    assert fake_hub.stops == [("u", "")]

@@ -89,11 +89,13 @@ class Run:
         return self.requests * self.latency_ms / 1000 / concurrency
 
 
-def measure(cmd: list[str], env: dict, log_path: Path) -> tuple[float, float, float, int, str]:
+def measure(
+    cmd: list[str], env: dict, log_path: Path, cwd: Path = ROOT
+) -> tuple[float, float, float, int, str]:
     """Run cmd as a child; its wall time, CPU time, peak RSS (MB), exit code and stdout."""
     with open(log_path, "wb") as err, tempfile.TemporaryFile() as out:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=cwd)
         # wait4 reads this one child's rusage, so the fake Hub and this script are not counted.
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
@@ -104,9 +106,17 @@ def measure(cmd: list[str], env: dict, log_path: Path) -> tuple[float, float, fl
     return wall, cpu, usage.ru_maxrss / 1024, proc.returncode, stdout
 
 
+def ours_dir(args) -> Path:
+    """Where ours runs, so that `python -m` finds it (idle_cull.py or a changed copy) first."""
+    return Path(args.ours).resolve().parent
+
+
 def ours_cmd(args, url: str) -> list[str]:
     cmd = shlex.split(args.ours_prefix)
-    cmd += [args.python, args.ours, "--url", url, "--concurrency", str(args.concurrency)]
+    # Imported, as the installed `idle-cull` command runs it: from its cached bytecode
+    # (`python idle_cull.py` compiles the whole file again on every start).
+    cmd += [args.python, "-m", Path(args.ours).stem]
+    cmd += ["--url", url, "--concurrency", str(args.concurrency)]
     cmd += ["--timeout", str(args.timeout), "--api-page-size", str(args.page_size)]
     return cmd
 
@@ -153,7 +163,8 @@ def run_one(args, hub: HubProcess, culler: str, users: int, latency_ms: float) -
             "--keep-busy-kernels=3600",
         ]
     log_path = Path(args.log_dir) / f"{culler}-{users}-{latency_ms:g}ms.log"
-    wall, cpu, rss, code, stdout = measure(cmd, env, log_path)
+    cwd = ours_dir(args) if culler in ("ours", "looks") else ROOT
+    wall, cpu, rss, code, stdout = measure(cmd, env, log_path, cwd)
     stats = hub.call(cmd="stop")
     log = log_path.read_text(errors="replace")
     if stats["errors"]:
@@ -180,12 +191,12 @@ def run_one(args, hub: HubProcess, culler: str, users: int, latency_ms: float) -
     )
 
 
-def startup_seconds(cmd: list[str]) -> float:
+def startup_seconds(cmd: list[str], cwd: Path = ROOT) -> float:
     """Best of three: what starting the interpreter and importing the culler costs."""
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()
-        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+        subprocess.run(cmd, cwd=cwd, check=True, capture_output=True)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -215,16 +226,19 @@ def medians(runs: list[Run]) -> list[Run]:
 def table(runs: list[Run], concurrency: int) -> str:
     head = (
         "| users | idle | latency | culler | wall s | pass s | CPU s | peak RSS MB | requests "
-        "| peak in flight | servers stopped | bound s | wall/bound | ours/upstream wall "
-        "| ours/upstream CPU | hub CPU s |"
+        "| peak in flight | servers stopped | bound s | wall/bound | ours/floor wall "
+        "| ours/upstream wall | ours/upstream CPU | hub CPU s |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     by_key = {(r.users, r.latency_ms, r.culler): r for r in runs}
     for r in runs:
         up = by_key.get((r.users, r.latency_ms, "upstream"))
+        floor = by_key.get((r.users, r.latency_ms, "floor"))
         bound = r.bound_s(concurrency)
         wall_bound = f"{r.wall_s / bound:.2f}" if bound else "-"
-        vs_wall = vs_cpu = "-"
+        vs_wall = vs_cpu = vs_floor = "-"
+        if r.culler == "ours" and floor:
+            vs_floor = f"{r.wall_s / floor.wall_s:.3f}"
         if r.culler == "ours" and up:
             vs_wall = f"{r.wall_s / up.wall_s:.3f} ({up.wall_s / r.wall_s:.1f}x faster)"
             vs_cpu = f"{r.cpu_s / up.cpu_s:.2f}"
@@ -233,8 +247,8 @@ def table(runs: list[Run], concurrency: int) -> str:
         lines.append(
             f"| {r.users:,} | {r.idle_share:.0%} | {r.latency_ms:g} ms | {r.culler} "
             f"| {r.wall_s:.2f} | {pass_s} | {r.cpu_s:.2f} | {r.rss_mb:.1f} | {r.requests:,} "
-            f"| {r.peak_in_flight} | {stopped} | {bound:.2f} | {wall_bound} | {vs_wall} "
-            f"| {vs_cpu} | {r.hub_cpu_s:.2f} |"
+            f"| {r.peak_in_flight} | {stopped} | {bound:.2f} | {wall_bound} | {vs_floor} "
+            f"| {vs_wall} | {vs_cpu} | {r.hub_cpu_s:.2f} |"
         )
     return "\n".join(lines)
 
@@ -254,10 +268,19 @@ def targets(runs: list[Run], concurrency: int) -> list[tuple[bool | None, str]]:
                 f"{r.stopped}/{r.expected_stops}, exit {r.exit_code}",
             )
         )
+        floor = by_key.get((r.users, r.latency_ms, "floor"))
+        if r.latency_ms and floor:
+            checks.append(
+                (
+                    r.wall_s <= 1.05 * floor.wall_s,
+                    f"wall within 1.05x of the floor ({where}): {r.wall_s:.2f}s vs "
+                    f"{floor.wall_s:.2f}s = {r.wall_s / floor.wall_s:.3f}x",
+                )
+            )
         if r.latency_ms == 10:
             bound = r.bound_s(concurrency)
             alone = f", the pass alone {r.pass_s / bound:.2f}x" if r.pass_s else ""
-            if floor := by_key.get((r.users, r.latency_ms, "floor")):
+            if floor:
                 alone += f"; the floor {floor.wall_s / floor.bound_s(concurrency):.2f}x"
             checks.append(
                 (
@@ -324,6 +347,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,10000", help="user counts, comma-separated")
     parser.add_argument("--latencies", default="0,10", help="added ms per request, comma-separated")
+    parser.add_argument(
+        "--cases", default="", help="more configurations as USERS@MS, comma-separated (400@50)"
+    )
     parser.add_argument("--idle-share", type=float, default=0.5, help="share of idle servers")
     parser.add_argument(
         "--named-every", type=int, default=4, help="every Nth user has a named server"
@@ -354,12 +380,22 @@ def main() -> int:
     Path(args.log_dir).mkdir(parents=True, exist_ok=True)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     latencies = [float(s) for s in args.latencies.split(",") if s]
+    cases = [(u, lat) for u in sizes for lat in latencies]
+    for case in args.cases.split(","):
+        if case:
+            users, _, latency = case.partition("@")
+            cases.append((int(users), float(latency)))
 
-    start_ours = startup_seconds([args.python, args.ours, "--version"])
+    start_ours = startup_seconds(
+        [args.python, "-m", Path(args.ours).stem, "--version"], ours_dir(args)
+    )
+    start_script = startup_seconds([args.python, args.ours, "--version"])
     start_up = startup_seconds([args.upstream_python, "-c", "import jupyterhub_idle_culler"])
+    start_floor = startup_seconds([args.python, str(HERE / "floor.py"), "--help"])
     print(
-        f"start-up (interpreter + imports, in every wall time): ours {start_ours:.2f}s, "
-        f"upstream {start_up:.2f}s; logs in {args.log_dir}",
+        f"start-up (interpreter + imports, in every wall time): ours {start_ours:.3f}s "
+        f"(as a script, compiled on each start: {start_script:.3f}s), "
+        f"floor {start_floor:.3f}s, upstream {start_up:.3f}s; logs in {args.log_dir}",
         flush=True,
     )
 
@@ -367,7 +403,7 @@ def main() -> int:
     runs: list[Run] = []
     began = time.perf_counter()
     try:
-        configs = [(u, lat) for u in sizes for lat in latencies for _ in range(args.repeat)]
+        configs = [case for case in cases for _ in range(args.repeat)]
         jobs = []
         for n, (users, latency) in enumerate(configs):
             # Rotate who goes first, so no one always meets a warm (or tired) machine.
