@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import itertools
 import json
 import logging
 import math
@@ -54,6 +55,7 @@ CLOCK_SKEW_WARNING = 60  # seconds
 RETRY_AFTER_CAP = 30  # seconds; a proxy asking for longer must not hang a cron job
 TICK = 0.2  # seconds: how soon a waiting thread notices a signal or a deadline
 LOOK_TIMEOUT = 10  # seconds, at most, for a server's own API to answer a look
+LOOK_SLICE = 1000  # looks handed to the workers at a time
 PATH_CHARACTERS = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@%/]*")  # of a URL path, quoted
 
 
@@ -1460,7 +1462,7 @@ def run_pass(
             )
         progress.finish()
         if waiting and not report.fatal:
-            looked = _look_inside_all(looker, waiting, policy, settings, gate, pool, now, report)
+            looked = _look_inside_all(looker, waiting, policy, settings, gate, pool, now)
             refused_is_fatal = holds_unfiltered(identity, "access:servers")
             if looked.sent and looked.refused == looked.sent and refused_is_fatal:
                 report.fatal = (
@@ -1686,30 +1688,27 @@ def _look_inside_all(
     gate: _Gate,
     pool: ThreadPoolExecutor,
     now: datetime,
-    report: Report,
 ) -> Looked:
     """Look inside the servers the plans wait for, `concurrency` at a time, then plan again.
 
     All looks end before any action starts: looks refused everywhere then change nothing.
     """
-    jobs = [(user, server) for user, servers in waiting for server in servers]
 
     def look(job: tuple[dict, str]) -> tuple[Inside, int | None]:
         user, server = job
         where = f"user={user['name']} server={server or '(default)'}"
+        model = user_servers(user)[server]
         if reason := gate.why_closed():
             return Inside(error=f"not sent: {reason}"), None
         if settings.dry_run and not settings.dry_run_looks:
-            url = _look_url(looker, user_servers(user)[server])
             log.info(
                 "would look inside %s (GET %s; not sent in a dry run, --dry-run-looks sends it): "
                 "%s",
                 where,
-                url,
+                _look_url(looker, model),
                 _what_looks_decide(policy),
             )
             return Inside(error="not sent in a dry run"), None
-        model = user_servers(user)[server]
         inside, status = _look_inside(looker, policy, user["name"], server, model, now)
         if inside.error:
             log.warning(
@@ -1719,10 +1718,13 @@ def _look_inside_all(
 
     looked = Looked(plans=[])
     insides: dict[str, dict[str, Inside]] = {}
-    for (user, server), (inside, status) in zip(jobs, pool.map(look, jobs), strict=True):
-        insides.setdefault(user["name"], {})[server] = inside
-        looked.sent += status is not None
-        looked.refused += status == 403
+    jobs = ((user, server) for user, servers in waiting for server in servers)
+    # In slices: 100,000 looks never wait as 100,000 futures at once.
+    while chunk := list(itertools.islice(jobs, LOOK_SLICE)):
+        for (user, server), (inside, status) in zip(chunk, pool.map(look, chunk), strict=True):
+            insides.setdefault(user["name"], {})[server] = inside
+            looked.sent += status is not None
+            looked.refused += status == 403
     for user, _ in waiting:
         looked.plans.append(plan_user(user, policy, now, insides[user["name"]]))
     return looked
