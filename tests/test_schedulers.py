@@ -506,6 +506,42 @@ def test_cron_line_mails_a_failed_pass(cron, hub):
     assert cron.log.read_text().strip()
 
 
+def path_without(tmp_path: Path, *tools: str) -> str:
+    """A PATH with every program of ours but `tools`: a machine that lacks them."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    for directory in os.environ["PATH"].split(os.pathsep):
+        for program in Path(directory).glob("*") if Path(directory).is_dir() else []:
+            link = folder / program.name
+            if program.name not in tools and not link.exists():
+                link.symlink_to(program)
+    return str(folder)
+
+
+@pytest.mark.parametrize("in_ci", [False, True])
+def test_a_missing_tool_skips_its_checks_with_its_name_or_fails_ci(tmp_path, in_ci):
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "IDLE_CULL_REQUIRE_ALL")}
+    env["PATH"] = path_without(tmp_path, "flock")
+    if in_ci:
+        env["IDLE_CULL_REQUIRE_ALL"] = "1"
+    test = f"{__file__}::test_cron_line_culls_and_mails_nothing"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    reason = "cron line: flock not found (Debian's util-linux; `make test-tools`)"
+    if in_ci:
+        assert done.returncode == 1, done.stdout
+        assert f"{reason} (in CI every check must run)" in done.stdout
+    else:
+        assert done.returncode == 0, done.stdout
+        assert "SKIPPED [1] tests/test_schedulers.py" in done.stdout and reason in done.stdout
+
+
 def test_cron_toml_settings_are_known():
     settings = tomllib.loads((CRON / "idle-cull.toml").read_text())
     names = {s.replace("_", "-") for s in settings}
