@@ -1654,6 +1654,22 @@ def _take_plan(plan: UserPlan, plans: dict, warnings: list, report: Report) -> N
             message = f"user {plan.user}{_server_suffix(server)}: {verdict.error}; kept"
             report.errors.append(message)
             log.error("%s", message)
+        elif verdict.inside is not None:  # what the look saw, for the JSON logs too
+            log.debug(
+                "keep user %s%s: %s",
+                plan.user,
+                _server_suffix(server),
+                verdict.reason,
+                extra={
+                    "event": "keep",
+                    "user": plan.user,
+                    "server": server,
+                    "reason": verdict.reason,
+                    "idle_s": _round(verdict.idle),
+                    "age_s": _round(verdict.age),
+                    "inside": _inside_dict(verdict.inside),
+                },
+            )
         else:
             log.debug("keep user %s%s: %s", plan.user, _server_suffix(server), verdict.reason)
         if report.kept is not None:

@@ -7,6 +7,7 @@ fake server API answers /user/<name>/[<server>/]api/... as the proxy would pass 
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 from datetime import UTC, datetime, timedelta
@@ -533,3 +534,22 @@ def test_kernel_times_are_judged_by_the_servers_own_clock(hub_factory):
     assert result.exit_code == 0, result.stderr
     assert hub.stops == []
     assert 95 < kept(result)[("u", "")]["inside"]["silent_s"] < 105
+
+
+def test_the_json_logs_carry_what_the_look_saw(hub):
+    hub.add_user("stuck", servers={"": idle_server()})
+    hub.set_inside("stuck", "", kernels=[kernel("busy", 5000), kernel("idle", 7000)])
+    hub.add_user("computing", servers={"": idle_server()})
+    hub.set_inside("computing", "", kernels=[kernel("busy", 50)])
+    result = looking(hub, "--keep-busy-kernels=4000", "--log-format=json", "--log-level=debug")
+    assert result.exit_code == 0, result.stderr
+    lines = [json.loads(line) for line in result.stderr.splitlines()]
+    assert all("inside" in line for line in lines)
+    stop = next(line for line in lines if line["event"] == "stop")
+    assert stop["user"] == "stuck" and "stuck" in stop["reason"]
+    assert stop["inside"]["kernels"] == 2 and stop["inside"]["busy"] == 1
+    assert 4990 < stop["inside"]["silent_s"] < 5010
+    assert stop["inside"]["error"] is None
+    keep = next(line for line in lines if line["event"] == "keep")
+    assert keep["user"] == "computing" and keep["inside"]["busy"] == 1
+    assert 45 < keep["inside"]["silent_s"] < 55 and "keep-busy-kernels" in keep["reason"]
