@@ -168,9 +168,9 @@ def _url(args: list[str], hub: FakeHub) -> list[str]:
     return [a.replace(HUB_URL, hub.url) for a in args]
 
 
-def _populated(hub_factory) -> FakeHub:
+def _populated(hub_factory, extra=()) -> FakeHub:
     hub = hub_factory()
-    for name, model in population():
+    for name, model in [*population(), *extra]:
         hub.add_user(name, **model)
     return hub
 
@@ -205,6 +205,25 @@ def test_the_setups_differ_in_what_they_stop(hub_factory, tmp_path):
         seen[case_id] = tuple(deletes(hub))
     assert seen["readme-service"] == seen["z2jh-defaults"]  # the same settings
     assert len(set(seen.values())) == len(CASES) - 1, seen
+
+
+def test_where_upstream_culls_more_idle_cull_keeps(hub_factory, tmp_path):
+    """Upstream's --max-age check skips --cull-default-servers=false and --cull-admin-users=false;
+    idle-cull's does not (README: "What differs")."""
+    old_admin = {"admin": True, "created": iso(3 * DAY), "last_activity": iso(2 * HOUR)}
+    extra = [("old-boss", {**old_admin, "servers": {}})]
+    args = ["--timeout=3600", "--cull-users=true", "--cull-admin-users=false",
+            "--cull-default-servers=false", f"--max-age={DAY}"]  # fmt: skip
+    theirs, ours = _populated(hub_factory, extra), _populated(hub_factory, extra)
+
+    run_upstream(theirs, _url(args, theirs), tmp_path, False)
+    run_ours(ours, _url(args, ours), tmp_path, False)
+
+    assert set(deletes(ours)) < set(deletes(theirs))
+    assert set(deletes(theirs)) - set(deletes(ours)) == {
+        ("/hub/api/users/veteran/server", False),  # a default server, 3 days old
+        ("/hub/api/users/old-boss", False),  # an admin, created 3 days ago
+    }
 
 
 def test_upstream_2_refuses_the_bare_boolean_options_that_the_charts_write():
