@@ -1116,9 +1116,6 @@ class Progress:
         pass
 
 
-ARBITER_POLL = 0.1  # seconds between looks at the gate while waiting for an arbiter
-
-
 class _ArbiterLoop:
     """Calls the operator's arbiter on an event loop in a thread of its own, for one pass.
 
@@ -1143,11 +1140,10 @@ class _ArbiterLoop:
 
     async def _answer(self, kwargs: dict) -> object:
         import asyncio
-        import concurrent.futures
         import inspect
 
         answer = self.arbiter(**kwargs)
-        if isinstance(answer, concurrent.futures.Future):
+        if isinstance(answer, Future):
             answer = asyncio.wrap_future(answer)
         if inspect.isawaitable(answer):
             answer = await answer
@@ -1155,7 +1151,6 @@ class _ArbiterLoop:
 
     def __call__(self, **kwargs) -> object:
         import asyncio
-        import concurrent.futures
 
         if self.gave_up:
             raise ArbiterError(f"not asked: {self.gave_up}")
@@ -1172,7 +1167,7 @@ class _ArbiterLoop:
                 future.cancel()
                 self.gave_up = f"{reason} (earlier in this pass)"
                 raise ArbiterError(reason)
-            concurrent.futures.wait([future], timeout=min(left, ARBITER_POLL))
+            wait([future], timeout=min(left, TICK))
         return future.result()
 
     def close(self) -> None:
