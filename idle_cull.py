@@ -2079,7 +2079,8 @@ _TRUE, _FALSE = {"true", "1", "yes", "y", "on", "t"}, {"false", "0", "no", "n", 
 
 
 def normalize_argv(args: list[str]) -> list[str]:
-    """Accept the upstream culler's spellings: --cull_users, --cull-users=False."""
+    """Accept the upstream culler's spellings: --cull_users, --cull-users=False, and traitlets'
+    own --IdleCuller.timeout=600 and --Application.log_level=DEBUG."""
     result = []
     for position, arg in enumerate(args):
         if arg == "--":
@@ -2089,6 +2090,9 @@ def normalize_argv(args: list[str]) -> list[str]:
             continue
         name, equals, value = arg[2:].partition("=")
         name = name.replace("_", "-")
+        section, dot, trait = name.partition(".")
+        if dot and (section == "IdleCuller" or (section, trait) == ("Application", "log-level")):
+            name = trait
         if equals and name in BOOLEAN_OPTIONS:
             if value.lower() in _TRUE:
                 arg = f"--{name}"

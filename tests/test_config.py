@@ -343,3 +343,13 @@ def test_the_readme_config_examples_read_as_documented(fake_hub, captured, tmp_p
     policy = captured["policy"]
     assert policy.timeout == 86400 and policy.cull_users and policy.arbiter.__module__ == "my_rules"
     sys.modules.pop("my_rules")
+
+
+def test_traitlets_command_line_spelling(fake_hub, captured):
+    args = ["--IdleCuller.timeout=3600", "--IdleCuller.cull_users=True", "--IdleCuller.max_age"]
+    result = run_cull(fake_hub, *args, "7200", "--Application.log_level=WARNING")
+    assert result.exit_code == 0, result.output
+    policy = captured["policy"]
+    assert (policy.timeout, policy.max_age, policy.cull_users) == (3600, 7200, True)
+    assert logging.getLogger().level == logging.WARNING
+    assert_usage_error(run_cull(fake_hub, "--Application.timeout=5"), "No such option")
