@@ -1832,7 +1832,7 @@ def _send_warnings(
             "cull_at": cull_at.isoformat(),
             "hub_api_url": hub_url,
         }
-        if error := _notify(settings.notify_command, message):
+        if error := _notify(settings.notify_command, message, gate):
             report.errors.append(f"warning user {user}{_server_suffix(server)}: {error}")
             log.error("could not warn user %s%s: %s", user, _server_suffix(server), error)
         else:
@@ -1856,27 +1856,38 @@ def _send_warnings(
         _write_warned(settings.state_file, remembered)
 
 
-def _notify(command: tuple[str, ...], message: dict) -> str | None:
-    """Run the operator's command with the warning as JSON on stdin; an error text or None."""
+def _notify(command: tuple[str, ...], message: dict, gate: _Gate) -> str | None:
+    """Run the operator's command with the warning as JSON on stdin; an error text or None.
+
+    It is killed after NOTIFY_TIMEOUT, or as soon as the gate closes (the deadline, a signal).
+    """
     # The command is the operator's, but it has no need of the Hub's token, which a managed
     # service holds under two names (and who knows what else): pass only what a command needs.
     env = {k: v for k, v in os.environ.items() if k in NOTIFY_ENV or k.startswith("LC_")}
     import subprocess  # only a pass that warns pays for it
 
+    pipe = subprocess.PIPE
     try:
-        done = subprocess.run(
-            command,
-            input=json.dumps(message),
-            text=True,
-            capture_output=True,
-            timeout=NOTIFY_TIMEOUT,
-            env=env,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
+        child = subprocess.Popen(command, stdin=pipe, stdout=pipe, stderr=pipe, text=True, env=env)
+    except OSError as exc:
         return f"{command[0]}: {exc}"
-    if done.returncode:
-        return f"{command[0]} exited {done.returncode}: {done.stderr.strip()[-200:]}"
+    given_up = time.monotonic() + NOTIFY_TIMEOUT
+    stdin = json.dumps(message)
+    while True:
+        try:
+            _, stderr = child.communicate(stdin, timeout=TICK)
+            break
+        except subprocess.TimeoutExpired:
+            stdin = None  # sent with the first call
+            why = gate.why_closed() or (
+                f"no end within {NOTIFY_TIMEOUT}s" if time.monotonic() > given_up else None
+            )
+            if why:
+                child.kill()
+                child.communicate()
+                return f"{command[0]}: killed: {why}"
+    if child.returncode:
+        return f"{command[0]} exited {child.returncode}: {stderr.strip()[-200:]}"
     return None
 
 

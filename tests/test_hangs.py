@@ -196,6 +196,42 @@ def test_a_real_process_exits_without_joining_a_stuck_worker(fake_hub):
     assert "summary:" in proc.stderr
 
 
+def slow_notifier(tmp_path) -> tuple[list[str], object]:
+    """Settings for a warning whose --notify-command takes a minute; the file it touches first."""
+    started = tmp_path / "notify-started"
+    command = f"sh -c 'touch {started}; exec sleep 60'"
+    args = ["--warn-before=300", f"--notify-command={command}", f"--state-file={tmp_path / 's'}"]
+    return args, started
+
+
+def test_max_runtime_kills_a_notify_command_that_runs_past_it(fake_hub, tmp_path):
+    fake_hub.add_user("soon", servers={"": server(last_activity=iso(500))})
+    args, started = slow_notifier(tmp_path)
+    began = time.monotonic()
+    result = run_cull(fake_hub, *args, "--max-runtime=3", "--json")
+    assert time.monotonic() - began < 12
+    assert started.exists()
+    assert result.exit_code == 1
+    assert any("killed: --max-runtime reached" in e for e in result.json["errors"])
+
+
+def test_a_signal_during_a_notify_command_ends_the_pass_within_seconds(fake_hub, tmp_path):
+    fake_hub.add_user("soon", servers={"": server(last_activity=iso(500))})
+    args, started = slow_notifier(tmp_path)
+    proc = start(fake_hub, *args)
+    try:
+        wait_for(started.exists)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        proc.kill()
+    assert took < 10, err
+    assert proc.returncode == 1, err
+    assert "killed: stopped by a signal" in err and "(incomplete: stopped by a signal)" in err
+
+
 # ---- item 9: JSON nested too deep ----------------------------------------------------------
 
 DEEP = b"[" * 100_000 + b"]" * 100_000
