@@ -6,6 +6,8 @@ import sys
 import pytest
 from conftest import REPO, TOKEN, assert_usage_error, run_cull
 from fakehub import iso, server
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 import idle_cull
 
@@ -353,3 +355,34 @@ def test_traitlets_command_line_spelling(fake_hub, captured):
     assert (policy.timeout, policy.max_age, policy.cull_users) == (3600, 7200, True)
     assert logging.getLogger().level == logging.WARNING
     assert_usage_error(run_cull(fake_hub, "--Application.timeout=5"), "No such option")
+
+
+# ---- durations, over generated values ------------------------------------------------------
+
+PARTS = st.tuples(*[st.one_of(st.none(), st.integers(0, 10**4)) for _ in "dhms"])
+
+
+@given(PARTS)
+def test_any_duration_with_units_largest_first_is_its_seconds(parts):
+    assume(any(part is not None for part in parts))
+    text = "".join(f"{n}{unit}" for n, unit in zip(parts, "dhms", strict=True) if n is not None)
+    seconds = sum(n * unit for n, unit in zip(parts, (86400, 3600, 60, 1), strict=True) if n)
+    assert idle_cull.SECONDS.seconds(text) == seconds
+    assert idle_cull.SECONDS.seconds(text.upper()) == seconds
+    units = [u for n, u in zip(parts, "dhms", strict=True) if n is not None]
+    if len(units) > 1:  # out of order: refused, never read as something else
+        shuffled = "".join(f"1{u}" for u in reversed(units))
+        assert idle_cull.SECONDS.seconds(shuffled) is None
+
+
+@given(st.text(max_size=12))
+def test_a_plain_number_is_read_exactly_as_int_reads_it(text):
+    try:
+        expected = int(text)
+    except ValueError:
+        expected = None
+    got = idle_cull.SECONDS.seconds(text)
+    if expected is not None:
+        assert got == expected
+    else:  # anything int() refuses is either refused or a duration with units
+        assert got is None or any(unit in text.lower() for unit in "dhms")
