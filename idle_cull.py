@@ -479,6 +479,17 @@ class HubError(Exception):
     """A request to the Hub failed. The message names what failed and never holds the token."""
 
 
+def redact(text: str, secret: str) -> str:
+    """The token blotted out, should the Hub or a proxy ever echo it back in a message.
+
+    Before any text is cut: a cut through the token would leave a piece no later pass finds.
+    """
+    if not secret:
+        return text
+    # Also as JSON would escape it, for the JSON logs and report.
+    return text.replace(secret, "[token]").replace(json.dumps(secret)[1:-1], "[token]")
+
+
 class Abandoned(HubError):
     """The pass ended (--max-runtime or a signal) before the request had its whole answer."""
 
@@ -689,6 +700,7 @@ class HubClient:
         self.session.mount("https://", adapter)
         self.session.cert = cert
         self.session.auth = _TokenAuth(token)
+        self.secret = token
         self.session.headers["User-Agent"] = f"idle-cull/{__version__}"
         # The environment (proxies, REQUESTS_CA_BUNDLE) is read once here, not on every request
         # (a tenth of the CPU of a large pass), and ~/.netrc can never replace the token.
@@ -709,6 +721,9 @@ class HubClient:
         self.watchdog.close()
         self.session.close()
 
+    def redact(self, text: str) -> str:
+        return redact(text, self.secret)
+
     def _request(
         self, method: str, path: str, what: str, params: dict | None = None, **kwargs
     ) -> requests.Response:
@@ -719,7 +734,7 @@ class HubClient:
 
     def _json(self, response: requests.Response, what: str) -> object:
         if not 200 <= response.status_code < 300:
-            raise HubError(f"{what}: HTTP {response.status_code} {_message(response)}")
+            raise HubError(f"{what}: HTTP {response.status_code} {_message(response, self.secret)}")
         try:
             return response.json()
         except ValueError:
@@ -829,7 +844,7 @@ class HubClient:
         # The Hub answers 204. A redirect or a proxy's 200 page (a login form) stopped nothing.
         if response.status_code == 204 or (response.status_code == 200 and not response.content):
             return "done"
-        raise HubError(f"{what}: HTTP {response.status_code} {_message(response)}")
+        raise HubError(f"{what}: HTTP {response.status_code} {_message(response, self.secret)}")
 
 
 # JupyterHub's message in a 404 for a user that does not exist (tornado's reason phrase).
@@ -890,17 +905,18 @@ class ServerClient:
     def api_url(self, server_url: object, endpoint: str) -> str:
         """<server>/api/<endpoint> under --server-api-url, or LookFailed if that is unsafe."""
         path = server_url if isinstance(server_url, str) else ""
+        shown = self.hub.redact(repr(server_url))[:100]
         parts = urlsplit(path)
         segments = [unquote(segment) for segment in parts.path.split("/")]
         # A full URL (another host), "//host/...", "..", a query, a character that is not
         # quoted: not a server's own path.
         if not path.startswith("/") or parts.netloc or not PATH_CHARACTERS.fullmatch(path):
-            raise LookFailed(f"the server's url {server_url!r:.100} is not a path")
+            raise LookFailed(f"the server's url {shown} is not a path")
         if any(segment in (".", "..") for segment in segments):
-            raise LookFailed(f"the server's url {server_url!r:.100} climbs out of it")
+            raise LookFailed(f"the server's url {shown} climbs out of it")
         url = f"{self.origin}{path.rstrip('/')}/api/{endpoint}"
         if not url.startswith(self.origin + "/"):
-            raise LookFailed(f"the server's url {server_url!r:.100} leaves --server-api-url")
+            raise LookFailed(f"the server's url {shown} leaves --server-api-url")
         return url
 
     def get(self, server_url: object, endpoint: str, what: str) -> tuple[object, datetime | None]:
@@ -916,9 +932,10 @@ class ServerClient:
             proxies=self.proxies,
         )
         if response.status_code != 200:
-            to = f" (to {response.headers.get('Location', '?')[:100]})" * response.is_redirect
+            location = self.hub.redact(response.headers.get("Location", "?"))[:100]
+            to = f" (to {location})" * response.is_redirect
             raise LookFailed(
-                f"{what}: HTTP {response.status_code} {_message(response)}{to}",
+                f"{what}: HTTP {response.status_code} {_message(response, self.hub.secret)}{to}",
                 response.status_code,
             )
         try:
@@ -960,29 +977,31 @@ def _send(
             if flight.timed_out or isinstance(exc, requests.Timeout):
                 raise HubError(f"{what}: no whole answer within {timeout:g}s") from None
             if isinstance(exc, requests.exceptions.RetryError):
-                raise HubError(f"{what}: gave up after retries ({_cause(exc)})") from None
-            raise HubError(f"{what}: {_cause(exc)}") from None
+                raise HubError(
+                    f"{what}: gave up after retries ({_cause(exc, hub.secret)})"
+                ) from None
+            raise HubError(f"{what}: {_cause(exc, hub.secret)}") from None
         if reason := hub.gate.why_closed():
             raise flight.abandoned(reason)  # an answer after the deadline is not used
     return response
 
 
-def _message(response: requests.Response) -> str:
+def _message(response: requests.Response, secret: str) -> str:
     try:
         message = response.json().get("message")
     except (ValueError, AttributeError, RecursionError):
         message = None
-    return str(message)[:200] if message else response.reason or ""
+    return redact(str(message), secret)[:200] if message else redact(response.reason or "", secret)
 
 
-def _cause(exc: BaseException) -> str:
+def _cause(exc: BaseException, secret: str) -> str:
     # requests nests urllib3's reason several levels deep; the innermost is the useful one.
     while exc.args and isinstance(exc.args[0], BaseException):
         exc = exc.args[0]
     reason = getattr(exc, "reason", None)
     if isinstance(reason, BaseException):
         exc = reason
-    return f"{type(exc).__name__}: {exc}"[:300]
+    return redact(f"{type(exc).__name__}: {exc}", secret)[:300]
 
 
 # ---------------------------------------------------------------------------
@@ -1190,16 +1209,16 @@ def _arbiter_on_a_loop(policy: Policy, timeout: float, gate: _Gate) -> Iterator[
         arbiter.close()
 
 
-def _next_offset(pagination: dict, base_url: str) -> int | None:
+def _next_offset(pagination: dict, client: HubClient) -> int | None:
     """The offset of the next page, checking that the link stays on our Hub."""
     following = pagination.get("next")
     if not following:
         return None
     if not isinstance(following, dict) or not isinstance(following.get("offset"), int):
-        raise HubError(f"unreadable pagination link {following!r:.100}")
+        raise HubError(f"unreadable pagination link {client.redact(repr(following))[:100]}")
     link = following.get("url")
     if link:
-        ours, theirs = urlsplit(base_url), urlsplit(link)
+        ours, theirs = urlsplit(client.base), urlsplit(link)
         if theirs.netloc and (theirs.scheme, theirs.netloc) != (ours.scheme, ours.netloc):
             raise HubError(f"the next page is on another host ({theirs.netloc}); not followed")
     return following["offset"]
@@ -1230,7 +1249,8 @@ def list_user_pages(
         return  # a Hub that does not page answered with everyone
     limit = pagination.get("limit")
     if not (isinstance(limit, int) and limit > 0 and isinstance(total, int)):
-        errors.append(f"listing users (state={state}): unreadable pagination {pagination!r:.100}")
+        shown = client.redact(repr(pagination))[:100]
+        errors.append(f"listing users (state={state}): unreadable pagination {shown}")
         return
     end = _list_end(total, pagination, 0, limit)
     following, seen, pending, not_fetched = limit, {0}, {}, 0
@@ -1279,7 +1299,7 @@ def list_user_pages(
     page_budget = 2 * math.ceil(end / limit) + 10
     pages = len(seen)
     try:
-        offset = _next_offset(last_pagination, client.base)
+        offset = _next_offset(last_pagination, client)
         while offset is not None:
             if offset in seen:
                 raise HubError(f"the next page repeats offset {offset}: listing stopped")
@@ -1291,7 +1311,7 @@ def list_user_pages(
             pages += 1
             items, page_pagination = client.list_users(state, offset, limit)
             yield items, total
-            offset = _next_offset(page_pagination or {}, client.base)
+            offset = _next_offset(page_pagination or {}, client)
     except HubError as exc:
         errors.append(f"listing users (state={state}): {exc}")
 
@@ -1474,7 +1494,7 @@ def run_pass(
         _carry_out_all(pool, plans, act, settings.concurrency, gate, progress, report)
         progress.finish()
     if policy.warn_before and not report.fatal and now is not None:
-        _send_warnings(warnings, now, client.base, settings, gate, report)
+        _send_warnings(warnings, now, client, settings, gate, report)
     report.incomplete = None if report.fatal else gate.why_closed()
     report.duration = time.monotonic() - started
     return report
@@ -1799,7 +1819,7 @@ def _server_suffix(server: str | None) -> str:
 def _send_warnings(
     warnings: list[tuple[str, str, Verdict]],
     now: datetime,
-    hub_url: str,
+    client: HubClient,
     settings: PassSettings,
     gate: _Gate,
     report: Report,
@@ -1830,9 +1850,9 @@ def _send_warnings(
             "age_s": _round(verdict.age),
             "cull_in_s": _round(verdict.cull_in),
             "cull_at": cull_at.isoformat(),
-            "hub_api_url": hub_url,
+            "hub_api_url": client.base,
         }
-        if error := _notify(settings.notify_command, message, gate):
+        if error := _notify(settings.notify_command, message, gate, client.redact):
             report.errors.append(f"warning user {user}{_server_suffix(server)}: {error}")
             log.error("could not warn user %s%s: %s", user, _server_suffix(server), error)
         else:
@@ -1856,7 +1876,9 @@ def _send_warnings(
         _write_warned(settings.state_file, remembered)
 
 
-def _notify(command: tuple[str, ...], message: dict, gate: _Gate) -> str | None:
+def _notify(
+    command: tuple[str, ...], message: dict, gate: _Gate, redact: Callable[[str], str]
+) -> str | None:
     """Run the operator's command with the warning as JSON on stdin; an error text or None.
 
     It is killed after NOTIFY_TIMEOUT, or as soon as the gate closes (the deadline, a signal).
@@ -1870,7 +1892,7 @@ def _notify(command: tuple[str, ...], message: dict, gate: _Gate) -> str | None:
     try:
         child = subprocess.Popen(command, stdin=pipe, stdout=pipe, stderr=pipe, text=True, env=env)
     except OSError as exc:
-        return f"{command[0]}: {exc}"
+        return redact(f"{command[0]}: {exc}")
     given_up = time.monotonic() + NOTIFY_TIMEOUT
     stdin = json.dumps(message)
     while True:
@@ -1887,7 +1909,7 @@ def _notify(command: tuple[str, ...], message: dict, gate: _Gate) -> str | None:
                 child.communicate()
                 return f"{command[0]}: killed: {why}"
     if child.returncode:
-        return f"{command[0]} exited {child.returncode}: {stderr.strip()[-200:]}"
+        return f"{command[0]} exited {child.returncode}: {redact(stderr.strip())[-200:]}"
     return None
 
 
@@ -2022,14 +2044,6 @@ def _previous_metric(path: str, name: str) -> float:
 # ---------------------------------------------------------------------------
 # 4. The command line
 # ---------------------------------------------------------------------------
-
-
-def redact(text: str, secret: str) -> str:
-    """The token blotted out, should the Hub or a proxy ever echo it back in a message."""
-    if not secret:
-        return text
-    # Also as JSON would escape it, for the JSON logs and report.
-    return text.replace(secret, "[token]").replace(json.dumps(secret)[1:-1], "[token]")
 
 
 JSON_LOG_FIELDS = ("user", "server", "reason", "idle_s", "age_s", "inside")

@@ -7,6 +7,7 @@ fake Hub (few examples, each a real pass).
 
 from __future__ import annotations
 
+import json
 import string
 from datetime import UTC, datetime, timedelta, timezone
 from unittest.mock import patch
@@ -375,3 +376,36 @@ def test_every_name_reaches_its_own_objects(user, named, cull_users):
         assert {r.user for r in hub.requests if r.kind in ("stop", "get_user", "delete_user")} == {
             user
         }
+
+
+# A token with characters JSON escapes, so that it also travels in an escaped form.
+ECHOED_TOKEN = 'Qz7"Kw9\\Rv3pL8mN2xJ5tB4hG6yC1dF0s'
+
+
+def token_pieces(secret: str) -> set[str]:
+    escaped = json.dumps(secret)[1:-1]
+    return {text[i : i + 8] for text in (secret, escaped) for i in range(len(text) - 7)}
+
+
+@HUB_SETTINGS
+@given(
+    offset=st.integers(0, 450),
+    escaped=st.booleans(),
+    where=st.sampled_from(["stop", "delete_user", "list", "get_user"]),
+    code=st.sampled_from([400, 403, 404, 500]),
+    log_format=st.sampled_from(["text", "json"]),
+)
+def test_no_piece_of_an_echoed_token_in_any_output(offset, escaped, where, code, log_format):
+    """Wherever the Hub echoes the token in an error, at whatever offset, none of it is shown."""
+    echoed = json.dumps(ECHOED_TOKEN)[1:-1] if escaped else ECHOED_TOKEN
+    body = json.dumps({"status": code, "message": "." * offset + echoed + " !"}).encode()
+    with FakeHub(token=ECHOED_TOKEN, scopes=CULLER_SCOPES) as hub:
+        old = hub.iso(3600)
+        hub.add_user("u", last_activity=old, servers={"": server(last_activity=old, stop_after=0)})
+        hub.add_fault(lambda req: req.kind == where, "status", code=code, body=body)
+        args = ["--json", "--cull-users", "--wait-for-stop=1", "--retries=0"]
+        with patch.object(idle_cull, "STOP_POLL_INTERVAL", 0.05):
+            result = run_cull(hub, *args, f"--log-format={log_format}", "--log-level=debug")
+        assert result.exit_code in (0, 1, 3), result.stderr
+        output = result.stdout + result.stderr
+        assert [piece for piece in token_pieces(ECHOED_TOKEN) if piece in output] == []

@@ -193,3 +193,62 @@ def test_a_token_file_with_one_token_and_blank_lines_is_fine(fake_hub, tmp_path)
     result = run_cull(fake_hub, f"--api-token-file={token_file}", env={"JUPYTERHUB_API_TOKEN": ""})
     assert result.exit_code == 0, result.stderr
     assert fake_hub.stops == [("u", "")]
+
+
+# ---- 6. the token is blotted out before any text is cut ----------------------------------------
+
+# Characters that JSON escapes, so that the token also shows up in its escaped form.
+ODD_TOKEN = 'Qz7"Kw9\\Rv3pL8mN2xJ5tB4hG6yC1dF0s'
+OFFSETS = (0, 100, 150, 170, 185, 192, 196, 199, 200, 250, 290, 296, 299, 400)
+
+
+def leaked(output: str, secret: str = ODD_TOKEN) -> list[str]:
+    """Every 8-character piece of the token (plain or JSON-escaped) found in the output."""
+    escaped = json.dumps(secret)[1:-1]
+    return [p for p in fragments(secret) | fragments(escaped) if p in output]
+
+
+def echo(offset: int, escaped: bool) -> bytes:
+    token = json.dumps(ODD_TOKEN)[1:-1] if escaped else ODD_TOKEN
+    message = "." * offset + token + " was refused"
+    return json.dumps({"status": 400, "message": message}).encode()
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_no_piece_of_the_token_in_any_output_when_the_hub_echoes_it(hub_factory, log_format):
+    hub = hub_factory(token=ODD_TOKEN)
+    for offset in OFFSETS:
+        for escaped in (False, True):
+            name = f"u{offset}{'e' if escaped else ''}"
+            hub.add_user(name, last_activity=iso(IDLE), servers={"": idle_server()})
+            body = echo(offset, escaped)
+            hub.add_fault(("DELETE", f"^/hub/api/users/{name}/server$"), "status", code=400,
+                          body=body)  # fmt: skip
+    result = run_cull(hub, "--json", f"--log-format={log_format}", "--log-level=debug")
+    assert result.exit_code == 1
+    errors = [a["error"] for a in result.json["actions"]]
+    assert len(errors) == 2 * len(OFFSETS) and all("HTTP 400" in e for e in errors)
+    assert leaked(result.stdout + result.stderr) == []
+
+
+def test_no_piece_of_the_token_from_a_failing_notify_command(hub_factory, tmp_path):
+    hub = hub_factory(token=ODD_TOKEN)
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(ODD_TOKEN)
+    script = tmp_path / "notify.py"
+    script.write_text(  # a command that, say, read the token file and failed with it on stderr
+        "import sys\n"
+        f"sys.stderr.write(open({str(secret_file)!r}).read() + ' ' + 'y' * 180)\n"
+        "sys.exit(1)\n"
+    )
+    hub.add_user("soon", servers={"": server(last_activity=iso(500))})
+    result = run_cull(
+        hub,
+        "--warn-before=200",
+        f"--notify-command={sys.executable} {script}",
+        f"--state-file={tmp_path / 'state.json'}",
+        "--json",
+    )
+    assert result.exit_code == 1
+    assert "exited 1" in result.json["errors"][0]
+    assert leaked(result.stdout + result.stderr) == []
