@@ -671,14 +671,12 @@ class HubClient:
         retries: int = 3,
         verify: bool | str = True,
         cert: tuple[str, str] | None = None,
-        hub_clock: bool = True,
     ):
         self.base = url.rstrip("/")
         self.timeout = request_timeout
         # Set for each pass: past it no request starts, and none in flight is used.
         self.gate = _Gate(threading.Event(), 0)
         self.watchdog = _Watchdog()
-        self.hub_clock = hub_clock
         self._clock_anchor: tuple[datetime, float] | None = None
         self._clock_lock = threading.Lock()
         retry = _CappedRetry(
@@ -747,7 +745,7 @@ class HubClient:
             return
         try:
             hub_time = parsedate_to_datetime(response.headers["Date"])
-        except (KeyError, TypeError, ValueError, IndexError):
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError):
             return
         if hub_time.tzinfo is None:
             return
@@ -755,24 +753,34 @@ class HubClient:
             if self._clock_anchor is None:
                 self._clock_anchor = (hub_time, time.monotonic())
 
-    def now(self) -> datetime:
-        """The Hub's time: its Date header advanced by our monotonic clock.
+    def clocks(self) -> tuple[datetime | None, datetime]:
+        """(the Hub's time, None when it sent no readable Date; this machine's time).
 
-        A culler on another machine with a fast clock would otherwise cull early. The header
-        has one-second resolution and is truncated, so this errs towards culling later.
+        The Hub's is the Date header of its first answer advanced by our monotonic clock.
         """
-        if self.hub_clock and self._clock_anchor is not None:
-            hub_time, anchor = self._clock_anchor
-            return hub_time + timedelta(seconds=time.monotonic() - anchor)
-        return datetime.now(UTC)
+        local = datetime.now(UTC)
+        if self._clock_anchor is None:
+            return None, local
+        hub_time, anchor = self._clock_anchor
+        try:
+            return hub_time + timedelta(seconds=time.monotonic() - anchor), local
+        except OverflowError:  # a Date at the end of year 9999 is no clock
+            return None, local
+
+    def now(self) -> datetime:
+        """The earlier of the Hub's clock and ours: a culler may cull late, never early.
+
+        Ours alone culls early when this machine's clock is fast; the Hub's alone when a proxy
+        or ingress with a fast clock rewrites the Date header. The header has one-second
+        resolution and is truncated, which errs towards culling later too.
+        """
+        hub, local = self.clocks()
+        return local if hub is None else min(hub, local)
 
     def clock_skew(self) -> float | None:
         """Seconds by which our clock is ahead of the Hub's, when the Hub told its time."""
-        if self._clock_anchor is None:
-            return None
-        hub_time, anchor = self._clock_anchor
-        hub_now = hub_time + timedelta(seconds=time.monotonic() - anchor)
-        return (datetime.now(UTC) - hub_now).total_seconds()
+        hub, local = self.clocks()
+        return None if hub is None else (local - hub).total_seconds()
 
     def info(self) -> dict:
         what = "reading the Hub's version"
@@ -1067,6 +1075,7 @@ class Report:
     incomplete: str | None = None  # stopped early by --max-runtime or a signal
     duration: float = 0.0
     kept: list[dict] | None = None  # only when asked for: one entry per server or user kept
+    clocks: dict[str, datetime | None] = field(default_factory=dict)  # "hub" and "local"
 
     def count(self, actions: tuple[str, ...], results: tuple[str, ...]) -> int:
         return sum(1 for o in self.outcomes if o.action in actions and o.result in results)
@@ -1105,6 +1114,8 @@ class Report:
             "summary": self.summary(),
             "actions": [o.as_dict() for o in self.outcomes],
             "kept": self.kept or [],
+            # The pass's "now" is the earlier of the two (null: the Hub sent no readable Date).
+            "clocks": {key: when and when.isoformat() for key, when in self.clocks.items()},
             "errors": errors + self.errors,
         }
 
@@ -1445,6 +1456,7 @@ def run_pass(
             check = pool.submit(_check_hub, client, policy, settings, version, looks)
             states = _states(version, policy)
             now = client.now()
+            report.clocks = dict(zip(("hub", "local"), client.clocks(), strict=True))
             _warn_on_skew(client)
             for index, state in enumerate(states):
                 if index and (reason := gate.why_closed()):
@@ -1635,8 +1647,10 @@ def _states(version: object, policy: Policy) -> list[str | None]:
 def _warn_on_skew(client: HubClient) -> None:
     skew = client.clock_skew()
     if skew is not None and abs(skew) > CLOCK_SKEW_WARNING:
-        whose = "the Hub's" if client.hub_clock else "this machine's"
-        log.warning("this machine's clock is %+.0fs off the Hub's; using %s", skew, whose)
+        earlier = "the Hub's" if skew > 0 else "this machine's"
+        log.warning(
+            "this machine's clock is %+.0fs off the Hub's; using the earlier, %s", skew, earlier
+        )
 
 
 def _plan_page(
@@ -2693,7 +2707,8 @@ def _check_outputs(metrics_file, pushgateway, warn_before, notify_command, state
               help="Your own idle test, called as f(inactive=timedelta, inactive_limit=int, "
                    "server=dict) -> bool, or an async one; it replaces the idle-timeout test.")
 @click.option("--clock", type=click.Choice(["hub", "local"]), default="hub", show_default=True,
-              help="Whose clock decides idle times: the Hub's (from its Date header) or ours.")
+              help="Kept for old command lines: idle times are always measured on the earlier of "
+                   "the Hub's clock (its Date header) and this machine's.")
 @click.option("--server-api-url", callback=_check_server_api_url, metavar="URL",
               help="The proxy's address as idle-cull reaches it (e.g. http://proxy-public), "
                    "to look inside servers (needs the access:servers scope).")
@@ -2745,6 +2760,9 @@ def main(ctx, url, api_token_file, timeout, max_age, cull_every, cull_users, use
             "--keep-busy-kernels and --activity-source=kernels need --server-api-url"
         )
     _setup_logging(log_level, log_format, token)
+    if clock == "local":
+        # Our clock alone culls early when it is fast: "now" is the earlier of the two clocks.
+        log.warning("--clock local no longer changes anything: the earlier clock is used")
     if found := ctx.meta.get("idle_cull.found_config"):
         log.info("read the config file %s (found in the working directory)", found)
     arbiter = arbiter or ctx.meta.get("idle_cull.arbiter")  # --arbiter wins over the file's hook
@@ -2770,7 +2788,7 @@ def main(ctx, url, api_token_file, timeout, max_age, cull_every, cull_users, use
         report_kept=as_json, dry_run_looks=dry_run_looks,
     )
     client = HubClient(url, token, concurrency=concurrency, request_timeout=request_timeout,
-                       retries=retries, verify=verify, cert=cert, hub_clock=clock == "hub")
+                       retries=retries, verify=verify, cert=cert)
     looker = None
     if server_api_url:
         looker = ServerClient(client, server_api_url, min(request_timeout, LOOK_TIMEOUT))

@@ -15,7 +15,7 @@ from unittest.mock import patch
 import pytest
 from conftest import run_cull
 from fakehub import CULLER_SCOPES, FakeHub, fmt, server
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
 import idle_cull
@@ -349,6 +349,7 @@ ODD_NAME = st.sampled_from([".", "..", "..."]) | st.text(
 
 @HUB_SETTINGS
 @given(user=ODD_NAME, named=ODD_NAME, cull_users=st.booleans())
+@example(user=".", named="..", cull_users=True)
 def test_every_name_reaches_its_own_objects(user, named, cull_users):
     """Stops, deletes and the look while waiting reach the user and server named, no other."""
     assume(user not in ("decoy", "server"))
@@ -395,6 +396,7 @@ def token_pieces(secret: str) -> set[str]:
     code=st.sampled_from([400, 403, 404, 500]),
     log_format=st.sampled_from(["text", "json"]),
 )
+@example(offset=180, escaped=False, where="stop", code=400, log_format="json")
 def test_no_piece_of_an_echoed_token_in_any_output(offset, escaped, where, code, log_format):
     """Wherever the Hub echoes the token in an error, at whatever offset, none of it is shown."""
     echoed = json.dumps(ECHOED_TOKEN)[1:-1] if escaped else ECHOED_TOKEN
@@ -409,3 +411,38 @@ def test_no_piece_of_an_echoed_token_in_any_output(offset, escaped, where, code,
         assert result.exit_code in (0, 1, 3), result.stderr
         output = result.stdout + result.stderr
         assert [piece for piece in token_pieces(ECHOED_TOKEN) if piece in output] == []
+
+
+GARBAGE_DATES = st.sampled_from(
+    ["", "yesterday", "0", "Fri, 31 Dec 9999 23:59:59 GMT", "Mon, 01 Jan 0001 00:00:00 GMT",
+     "Thu, 26 Nov 2026 25:61:61 GMT", "Thu, 26 Nov 2026 10:00:00"]
+) | st.text(alphabet=string.ascii_letters + string.digits + " ,:", max_size=30)  # fmt: skip
+
+
+@HUB_SETTINGS
+@given(
+    skew=st.one_of(st.integers(-(10**9), 10**9), st.sampled_from([-3600, -61, 0, 61, 3600])),
+    garbage=st.none() | GARBAGE_DATES,
+    idles=st.lists(st.sampled_from([5, 300, 590, 610, 900, 3600, 10**6]), min_size=1, max_size=5),
+)
+@example(skew=86400, garbage=None, idles=[5, 3600])  # a proxy a day ahead rewrites Date
+@example(skew=0, garbage="Fri, 31 Dec 9999 23:59:59 GMT", idles=[5, 3600])
+def test_any_date_header_never_culls_early(skew, garbage, idles):
+    """Times on our clock; the Hub's Date skewed anywhere or garbage: a server is stopped only
+    when it is idle on both clocks (on ours alone when the Date cannot be read)."""
+    with FakeHub(scopes=CULLER_SCOPES, date_skew=skew, date_header=garbage) as hub:
+        for number, idle in enumerate(idles):
+            hub.add_user(f"u{number}", servers={"": server(last_activity=fmt_ago(idle))})
+        result = run_cull(hub, "--json", "--timeout=600")
+        assert result.exit_code == 0, result.stderr
+        for user, _ in hub.stops:
+            idle = idles[int(user[1:])]
+            assert idle >= 600
+            if garbage is None:
+                assert idle + skew >= 600 - 2  # the Date header is truncated to the second
+        if garbage is None and skew >= 0:  # our clock is the earlier: it alone decides
+            assert len(hub.stops) == sum(idle >= 610 for idle in idles)
+
+
+def fmt_ago(seconds: float) -> str:
+    return fmt(datetime.now(UTC) - timedelta(seconds=seconds))

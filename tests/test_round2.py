@@ -2,7 +2,9 @@
 clock, hidden servers, the scope that shows `created`, leaks of the token, unwritable files."""
 
 import json
+import re
 import sys
+from datetime import datetime
 
 import pytest
 from conftest import run_cull
@@ -252,3 +254,36 @@ def test_no_piece_of_the_token_from_a_failing_notify_command(hub_factory, tmp_pa
     assert result.exit_code == 1
     assert "exited 1" in result.json["errors"][0]
     assert leaked(result.stdout + result.stderr) == []
+
+
+# ---- 2. "now" is the earlier of the Hub's clock and ours --------------------------------------
+
+
+def test_a_date_header_a_day_ahead_never_culls_early(hub_factory):
+    """A proxy with a fast clock rewrites Date; the Hub's own times are right."""
+    hub = hub_factory(date_skew=86400)
+    hub.add_user("busy", last_activity=iso(5), servers={"": server(last_activity=iso(5))})
+    hub.add_user("idle", last_activity=iso(IDLE), servers={"": idle_server()})
+    result = run_cull(hub, "--cull-users", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert hub.stops == [("idle", "")] and hub.deleted_users == ["idle"]
+    assert re.search(
+        r"clock is -86(39[89]|40[01])s off the Hub's; using the earlier, this", result.stderr
+    )
+    clocks = {key: datetime.fromisoformat(value) for key, value in result.json["clocks"].items()}
+    assert 86398 <= (clocks["hub"] - clocks["local"]).total_seconds() <= 86401
+
+
+@pytest.mark.parametrize(
+    "date",
+    ["Fri, 31 Dec 9999 23:59:59 GMT", "Mon, 01 Jan 0001 00:00:00 GMT", "yesterday", "", "0"],
+)
+def test_any_date_header_is_safe(hub_factory, date):
+    hub = hub_factory(date_header=date)
+    hub.add_user("busy", servers={"": server(last_activity=iso(5))})
+    hub.add_user("idle", servers={"": idle_server()})
+    result = run_cull(hub, "--json")
+    assert result.exit_code == 0, result.stderr
+    # Year 1 is a readable clock, and the earlier: nothing is idle yet. The rest are no clock.
+    assert hub.stops == ([] if "0001" in date else [("idle", "")])
+    assert set(result.json["clocks"]) == {"hub", "local"}
