@@ -29,13 +29,22 @@ proxy: $(CHP)
 test: install $(CHP) upstream
 	PATH="$(NODE_BIN):$$PATH" $(PY) -m pytest -q
 
-# tests/test_migration.py runs the upstream culler 2.0.0 (the benchmark's venv, below) beside
-# idle-cull. Outside CI an install that fails only makes that test skip; in CI (CI=true or
-# IDLE_CULL_REQUIRE_ALL=1) it fails `make test`.
+# tests/test_migration.py runs the upstream culler beside idle-cull: 2.0.0 (the benchmark's venv,
+# below) and 1.4.0, which Zero to JupyterHub and The Littlest JupyterHub pin. Outside CI an
+# install that fails only makes that test skip; in CI (CI=true or IDLE_CULL_REQUIRE_ALL=1) it
+# fails `make test`.
+UPSTREAM_1_4 := .bench-venv/upstream-1.4
+
+$(UPSTREAM_1_4)/.installed:
+	$(PYTHON) -m venv $(UPSTREAM_1_4)
+	$(UPSTREAM_1_4)/bin/pip install -q --disable-pip-version-check jupyterhub-idle-culler==1.4.0 \
+		tornado==6.6.1 python-dateutil==4.0.0 packaging==26.4
+	touch $@
+
 upstream:
-	@$(MAKE) --no-print-directory $(BENCH_VENV)/.installed || { test "$$CI" != true && \
-		test "$$IDLE_CULL_REQUIRE_ALL" != 1 && \
-		echo "upstream jupyterhub-idle-culler 2.0.0 not installed: the migration test will skip" >&2; }
+	@$(MAKE) --no-print-directory $(BENCH_VENV)/.installed $(UPSTREAM_1_4)/.installed || { \
+		test "$$CI" != true && test "$$IDLE_CULL_REQUIRE_ALL" != 1 && \
+		echo "upstream jupyterhub-idle-culler not installed: the migration test will skip" >&2; }
 
 lint: install
 	$(PY) -m ruff check idle_cull.py tests
