@@ -2,9 +2,10 @@
 
 Runs in an upstream venv (.bench-venv/upstream for 2.0.0, .bench-venv/upstream-1.4 for 1.4.0;
 both start the same way) with the arguments, environment and working directory a service entry
-would give upstream, so that upstream itself parses the command line and reads its config file. Upstream then loops forever; here its periodic callback is never
-started and its event loop stops once the first pass (the one it runs at start-up) has ended.
-Exit 0 after a pass that raised nothing, 1 otherwise.
+would give upstream, so that upstream itself parses the command line and reads its config file.
+Upstream then loops forever; here its periodic callback is never started and its event loop
+stops once the first pass (the one it runs at start-up) has ended. Exit 0 after a pass that
+raised nothing, 1 otherwise.
 """
 
 import runpy
