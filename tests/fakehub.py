@@ -51,6 +51,7 @@ Behaviour worth knowing when writing tests
 A server's own API (for looks inside, as through the proxy): ``hub.set_inside(user, server,
 kernels=[kernel("busy", 30)], terminals=[...], last_activity=iso(...))`` sets what it shows;
 unset, a ready server shows no kernels and no terminals, and its `started` as last_activity.
+Its answers carry the servers' own clock in ``Date``: the hub's plus ``server_skew`` seconds.
 A path of a server that is not running is answered like the proxy and the Hub do: by the
 user's default server if it runs (404 HTML), else with a redirect to /hub/user/... (302).
 
@@ -313,6 +314,7 @@ class FakeHub:
         date_header: str | None = None,
         service_name: str = "idle-cull",
         tls: ssl.SSLContext | None = None,
+        server_skew: float = 0.0,
     ):
         self.version = version
         self.token = token
@@ -326,6 +328,7 @@ class FakeHub:
         self.date_header = date_header  # sent as it is instead of the hub's clock
         self.service_name = service_name
         self.tls = tls  # serve HTTPS with this server-side context
+        self.server_skew = server_skew  # the servers' own clock (their Date) off the Hub's
 
         self.users: dict[str, dict] = {}  # name -> user model, in creation order (= Hub's id)
         self.requests: list[Request] = []
@@ -822,7 +825,8 @@ class _Handler(BaseHTTPRequestHandler):
         if hub.date_header is not None:
             self.send_header("Date", hub.date_header)
         elif hub.send_date:
-            self.send_header("Date", formatdate(hub.now(), usegmt=True))
+            skew = hub.server_skew if self.from_server else 0.0
+            self.send_header("Date", formatdate(hub.now() + skew, usegmt=True))
         if not self.from_proxy:
             self.send_header("X-JupyterHub-Version", hub.version)
 
@@ -859,6 +863,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         hub = self.server.hub
         self.from_proxy = False
+        self.from_server = False  # a server's own API answers, with the server's clock
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         raw_path, _, raw_query = self.path.partition("?")
@@ -934,6 +939,7 @@ class _Handler(BaseHTTPRequestHandler):
         if len(auth) != 2 or auth[0].lower() not in ("token", "bearer") or auth[1] != hub.token:
             return self._error(403, "Missing or invalid credentials.")
         if req.kind == "look":
+            self.from_server = True
             with hub._lock:
                 status, raw, headers = hub._server_api(req)
             return self._send(status, raw=raw, headers=headers)
