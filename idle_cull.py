@@ -574,8 +574,7 @@ class _Watchdog:
     def __init__(self):
         self.lock = threading.Lock()
         self.flights: set[_Flight] = set()
-        self.wake = threading.Event()
-        self.closed = False
+        self.closed = threading.Event()
         self.thread: threading.Thread | None = None
 
     @contextlib.contextmanager
@@ -584,8 +583,6 @@ class _Watchdog:
         if reason := gate.why_closed():
             raise flight.abandoned(reason)
         with self.lock:
-            if not self.flights:
-                self.wake.set()  # the watchdog sleeps while nothing is in flight
             self.flights.add(flight)
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, name="idle-cull-watchdog")
@@ -600,18 +597,15 @@ class _Watchdog:
                 self.flights.discard(flight)
 
     def close(self) -> None:
-        self.closed = True
-        self.wake.set()
+        self.closed.set()
 
     def _run(self) -> None:
-        while not self.closed:
+        # A look every TICK: waking it for each new call would cost more than it saves.
+        while not self.closed.wait(TICK):
             with self.lock:
                 now = time.monotonic()
                 for flight in self.flights:
                     flight.cut_if_due(now)
-                busy = bool(self.flights)
-            self.wake.wait(TICK if busy else None)
-            self.wake.clear()
 
 
 class _WatchedConnection:
