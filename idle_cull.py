@@ -258,14 +258,11 @@ def server_verdict(
     """
     if server.get("pending"):
         return Verdict(cull=False, reason=f"pending {server['pending']}")
-    # Hubs before 0.9 had no "ready"; a URL meant the server was up. Anything but a real
-    # true (a string "false", a 1) is a state we could not read.
-    if server.get("ready", bool(server.get("url"))) is not True:
+    # Anything but a real true (missing, a string "false", a 1) is a state we could not read.
+    if server.get("ready") is not True:
         return Verdict(cull=False, reason="not ready")
     age = seconds_since(server.get("started"), now)
-    activity = server.get("last_activity")
-    # No activity yet means idle since it started; an unreadable one means "unknown".
-    idle = age if activity is None else seconds_since(activity, now)
+    idle = _idle(server, age, now)
     if name and not policy.cull_named_servers:
         return Verdict(cull=False, reason="named servers are not culled", idle=idle, age=age)
     if not name and not policy.cull_default_servers:
@@ -317,12 +314,20 @@ def server_verdict(
     )
 
 
+def _idle(model: dict, age: float | None, now: datetime) -> float | None:
+    """Seconds idle: null activity means none yet, so idle for its whole age; a missing key
+    (not shown to this token) or an unreadable time means "unknown"."""
+    if "last_activity" not in model:
+        return None
+    activity = model["last_activity"]
+    return age if activity is None else seconds_since(activity, now)
+
+
 def user_verdict(user: dict, policy: Policy, now: datetime) -> Verdict:
     """Should this user, whose servers are all stopped (or about to be), be deleted?"""
     timeout = policy.timeout if policy.user_timeout is None else policy.user_timeout
     age = seconds_since(user.get("created"), now)
-    activity = user.get("last_activity")
-    idle = age if activity is None else seconds_since(activity, now)
+    idle = _idle(user, age, now)
     # A missing or odd admin flag could be an admin: only a real false lets such a user go.
     if not policy.cull_admin_users and user.get("admin") is not False:
         return Verdict(False, "admin users are not deleted", idle, age)
@@ -363,23 +368,32 @@ class GroupsHidden(Exception):
 def user_servers(user: dict) -> dict:
     servers = user.get("servers")
     if servers is None and "servers" not in user:
-        # Hubs before 0.9 without named servers describe the default server on the user.
+        # Hubs before 0.9 without named servers describe the default server on the user,
+        # with no "ready": a URL meant it was up.
         servers = {}
         if user.get("server"):
             servers[""] = {k: user.get(k) for k in ("last_activity", "pending", "started")}
-            servers[""]["url"] = user["server"]
+            servers[""].update(url=user["server"], ready=True)
     if not isinstance(servers, dict) or not all(isinstance(s, dict) for s in servers.values()):
         raise ValueError("servers is not a mapping of server models")
     return servers
 
 
+# Why a user listed without "servers" by a Hub with named servers is left alone.
+SERVERS_HIDDEN = "servers not shown (is the token's read:servers filtered?)"
+
+
 def plan_user(
-    user: object, policy: Policy, now: datetime, insides: dict[str, Inside] | None = None
+    user: object,
+    policy: Policy,
+    now: datetime,
+    insides: dict[str, Inside] | None = None,
+    named_servers: bool = True,
 ) -> UserPlan:
     """Decide everything for one user model; ValueError when the model cannot be read.
 
     A plan with `look` decides nothing yet: plan again with what those looks saw (`insides`,
-    by server name).
+    by server name). `named_servers`: the Hub has them (0.9+), so it always lists `servers`.
     """
     name = user.get("name") if isinstance(user, dict) else None
     if not isinstance(name, str) or not name:
@@ -388,6 +402,10 @@ def plan_user(
     if policy.needs_groups and not isinstance(groups, list):
         raise GroupsHidden(name)
     groups = frozenset(g for g in groups or () if isinstance(g, str))
+    if named_servers and "servers" not in user:
+        # The Hub leaves the key out for users outside a filtered read:servers scope: not
+        # "no servers" but "not shown". A user whose servers may be running is never deleted.
+        return UserPlan(name, kept=((None, Verdict(cull=False, reason=SERVERS_HIDDEN)),))
     servers = user_servers(user)
     if name in policy.exclude_users or groups & policy.exclude_groups:
         return UserPlan(name, kept=((None, Verdict(False, "excluded")),))
@@ -455,6 +473,12 @@ def holds_unfiltered(identity: dict, scope: str) -> bool:
     lists no scopes."""
     scopes = identity.get("scopes") if isinstance(identity, dict) else None
     return not isinstance(scopes, list) or scope in scopes
+
+
+def has_named_servers(version: object) -> bool:
+    """JupyterHub 0.9 added named servers, and with them `servers` in every user model."""
+    parsed = hub_version(version)
+    return parsed is None or parsed >= (0, 9)
 
 
 def supports_state_filter(version: object) -> bool:
@@ -1069,6 +1093,7 @@ class Report:
     incomplete: str | None = None  # stopped early by --max-runtime or a signal
     duration: float = 0.0
     kept: list[dict] | None = None  # only when asked for: one entry per server or user kept
+    servers_hidden: int = 0  # users listed without their servers (SERVERS_HIDDEN)
     clocks: dict[str, datetime | None] = field(default_factory=dict)  # "hub" and "local"
 
     def count(self, actions: tuple[str, ...], results: tuple[str, ...]) -> int:
@@ -1449,6 +1474,7 @@ def run_pass(
             looks = looker is not None
             check = pool.submit(_check_hub, client, policy, settings, version, looks)
             states = _states(version, policy)
+            named_servers = has_named_servers(version)
             now = client.now()
             report.clocks = dict(zip(("hub", "local"), client.clocks(), strict=True))
             _warn_on_skew(client)
@@ -1466,7 +1492,9 @@ def run_pass(
                             progress.start(f"Listing users ({state or 'all'})", total)
                         progress.advance(len(page))
                         report.users_scanned += len(page)
-                        _plan_page(page, policy, now, plans, warnings, waiting, report)
+                        _plan_page(
+                            page, policy, now, plans, warnings, waiting, report, named_servers
+                        )
                 except HubError as exc:
                     if index == 0 and not isinstance(exc, Abandoned):
                         raise
@@ -1482,6 +1510,12 @@ def run_pass(
                 "need the read:users:groups scope"
             )
         progress.finish()
+        if report.servers_hidden:
+            log.warning(
+                "%d user(s) listed without their servers (is the token's read:servers "
+                "filtered?): left alone, neither stopped nor deleted",
+                report.servers_hidden,
+            )
         if waiting and not report.fatal:
             looked = _look_inside_all(looker, waiting, policy, settings, gate, pool, now)
             refused_is_fatal = holds_unfiltered(identity, "access:servers")
@@ -1655,10 +1689,11 @@ def _plan_page(
     warnings: list,
     waiting: list,
     report: Report,
+    named_servers: bool,
 ) -> None:
     for user in page:
         try:
-            plan = plan_user(user, policy, now)
+            plan = plan_user(user, policy, now, named_servers=named_servers)
         except ValueError as exc:
             name = user.get("name") if isinstance(user, dict) else None
             report.errors.append(f"user {name or '?'}: unreadable model ({exc}); left alone")
@@ -1673,6 +1708,7 @@ def _plan_page(
 def _take_plan(plan: UserPlan, plans: dict, warnings: list, report: Report) -> None:
     """Report what a user's plan keeps, note its warnings, and queue its actions."""
     for server, verdict in plan.kept:
+        report.servers_hidden += verdict.reason == SERVERS_HIDDEN
         if verdict.error:
             message = f"user {plan.user}{_server_suffix(server)}: {verdict.error}; kept"
             report.errors.append(message)

@@ -715,7 +715,7 @@ def test_a_bug_is_one_line_and_exit_1_with_the_traceback_on_demand(fake_hub, mon
 
     fake_hub.add_user("u", servers={"": idle_server()})
 
-    def broken(user, policy, now):
+    def broken(user, policy, now, **_):
         raise RuntimeError(f"cannot plan (token {fake_hub.token})")
 
     monkeypatch.setattr(idle_cull, "plan_user", broken)

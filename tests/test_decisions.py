@@ -63,8 +63,8 @@ def test_parse_time(text, expected):
         ("", server(idle=900, pending="spawn"), Policy(), False, "pending spawn"),
         ("", server(idle=900, pending="stop"), Policy(), False, "pending stop"),
         ("", server(idle=900, ready=False), Policy(), False, "not ready"),
-        # Hubs before 0.9: no "ready" field, a URL means ready
-        ("", {"url": "/user/x/", "last_activity": ago(900)}, Policy(), True, "idle 900s"),
+        # No "ready" (server models have it since 0.9; before, the user model had no servers)
+        ("", {"url": "/user/x/", "last_activity": ago(900)}, Policy(), False, "not ready"),
         ("", {"url": None, "last_activity": ago(900)}, Policy(), False, "not ready"),
         ("gpu", server(idle=900), Policy(cull_named_servers=False), False, "named servers are"),
         ("gpu", server(idle=900), Policy(cull_default_servers=False), True, "idle 900s"),
@@ -166,8 +166,9 @@ def test_plan_deletes_a_user_without_servers_only_with_cull_users():
 
 def test_plan_reads_the_pre_0_9_user_model():
     user = {"name": "dave", "server": "/user/dave/", "last_activity": ago(900), "pending": None}
-    assert [s.server for s in plan_user(user, Policy(), NOW).stops] == [""]
-    assert not plan_user({"name": "dave", "server": None}, Policy(), NOW).actionable
+    pre_0_9 = {"named_servers": False}  # the Hub's version says so
+    assert [s.server for s in plan_user(user, Policy(), NOW, **pre_0_9).stops] == [""]
+    assert not plan_user({"name": "dave", "server": None}, Policy(), NOW, **pre_0_9).actionable
 
 
 @pytest.mark.parametrize(

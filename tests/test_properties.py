@@ -446,3 +446,26 @@ def test_any_date_header_never_culls_early(skew, garbage, idles):
 
 def fmt_ago(seconds: float) -> str:
     return fmt(datetime.now(UTC) - timedelta(seconds=seconds))
+
+
+@given(now=NOW, policy=policies(cull_users=True), data=st.data())
+def test_a_missing_key_never_causes_a_stop_or_delete_it_would_have_justified(now, policy, data):
+    """Any keys left out of the user and server models (a token shown less, an odd Hub): a
+    missing `servers` keeps the user; a missing `ready` keeps the server; a missing
+    `last_activity` leaves only max-age to act (never idleness)."""
+    user = data.draw(user_models(now))
+    user["created"] = data.draw(written_time(now, 0, 10**8))[0]
+    user = {k: v for k, v in user.items() if k == "name" or data.draw(st.booleans())}
+    for name, model in list(user.get("servers", {}).items()):
+        user["servers"][name] = {k: v for k, v in model.items() if data.draw(st.booleans())}
+    plan = plan_user(user, policy, now)
+    if "servers" not in user:
+        assert not plan.actionable
+        return
+    for stop in plan.stops:
+        model = user["servers"][stop.server]
+        assert model.get("ready") is True
+        if "last_activity" not in model:
+            assert stop.verdict.reason.startswith("age")
+    if plan.delete is not None and "last_activity" not in user:
+        assert plan.delete.reason.startswith("age")

@@ -4,11 +4,13 @@ clock, hidden servers, the scope that shows `created`, leaks of the token, unwri
 import json
 import re
 import sys
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from conftest import run_cull
-from fakehub import iso, server
+from fakehub import fmt, iso, server
+
+from idle_cull import SERVERS_HIDDEN, Policy, Verdict, plan_user
 
 IDLE, ACTIVE = 3600, 30  # seconds since last activity, against --timeout 600
 
@@ -287,3 +289,46 @@ def test_any_date_header_is_safe(hub_factory, date):
     # Year 1 is a readable clock, and the earlier: nothing is idle yet. The rest are no clock.
     assert hub.stops == ([] if "0001" in date else [("idle", "")])
     assert set(result.json["clocks"]) == {"hub", "local"}
+
+
+# ---- 3. a user listed without "servers" on a Hub with named servers: not shown, kept ------------
+
+
+def test_a_user_without_servers_is_never_deleted_on_a_hub_with_named_servers():
+    now = datetime.now(UTC)
+    user = {"name": "u", "admin": False, "last_activity": fmt(now - timedelta(days=9))}
+    plan = plan_user(user, Policy(cull_users=True), now)
+    assert plan.delete is None and not plan.stops
+    assert plan.kept == ((None, Verdict(cull=False, reason=SERVERS_HIDDEN)),)
+    # Before 0.9 there were no named servers and no "servers": the user's own fields say it all.
+    assert plan_user(user, Policy(cull_users=True), now, named_servers=False).delete is not None
+
+
+def test_a_filtered_read_servers_scope_never_deletes_the_users_it_hides(fake_hub):
+    """The Hub leaves "servers" out for users outside a read:servers!group=... filter."""
+    fake_hub.add_user("hidden", last_activity=iso(IDLE), servers={"": active_server()})
+    fake_hub.add_user("shown", last_activity=iso(IDLE), servers={"": idle_server()})
+    hidden = {"kind": "user", "name": "hidden", "admin": False, "last_activity": iso(IDLE)}
+    fake_hub.add_fault(lambda req: True, "bad_model", user="hidden", model=hidden)
+    result = run_cull(fake_hub, "--cull-users", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert fake_hub.stops == [("shown", "")] and fake_hub.deleted_users == ["shown"]
+    assert {"user": "hidden", "server": None, "reason": SERVERS_HIDDEN} in [
+        {key: kept[key] for key in ("user", "server", "reason")} for kept in result.json["kept"]
+    ]
+    assert "1 user(s) listed without their servers" in result.stderr
+
+
+def test_a_hub_before_0_9_keeps_todays_reading_of_server(hub_factory):
+    hub = hub_factory(version="0.8.1", scopes=None, paginate=False)
+    old = iso(IDLE)
+    running = {"kind": "user", "name": "running", "admin": False, "last_activity": old,
+               "server": "/user/running/", "pending": None, "started": old}  # fmt: skip
+    gone = {"kind": "user", "name": "gone", "admin": False, "last_activity": old, "server": None}
+    for model in (running, gone):
+        hub.add_user(model["name"], servers={})
+        hub.add_fault(lambda req: True, "bad_model", user=model["name"], model=model)
+    result = run_cull(hub, "--cull-users", "--json")
+    assert result.exit_code == 0, result.stderr
+    done = {(a["action"], a["user"]) for a in result.json["actions"] if a["result"] == "done"}
+    assert done == {("stop", "running"), ("delete_user", "running"), ("delete_user", "gone")}
