@@ -1871,6 +1871,12 @@ def _send_warnings(
     """Run --notify-command once per server per stay in the warning window."""
     verdicts = {(user, server): verdict for user, server, verdict in warnings}
     new, remembered = warnings_to_send(list(verdicts), _read_warned(settings.state_file))
+    # Remembered before they are sent: a state file that cannot be written would otherwise
+    # have every warning sent again on every pass. Then none is sent, and that is a failure.
+    if not settings.dry_run and (error := _write_warned(settings.state_file, remembered | {*new})):
+        report.errors.append(f"{error}: no warning sent")
+        log.error("%s: no warning sent (it would be sent again on every pass)", error)
+        return
     for sent, (user, server) in enumerate(new):
         if reason := gate.why_closed():
             # Not remembered as sent, so the next pass sends them.
@@ -1916,8 +1922,10 @@ def _send_warnings(
                     "age_s": _round(verdict.age),
                 },
             )
-    if not settings.dry_run:
-        _write_warned(settings.state_file, remembered)
+    # Those not sent are forgotten again, so that the next pass sends them.
+    if not settings.dry_run and (error := _write_warned(settings.state_file, remembered)):
+        report.errors.append(error)
+        log.error("%s", error)
 
 
 def _notify(
@@ -1968,20 +1976,25 @@ def _read_warned(path: str | None) -> set[tuple[str, str]]:
         return set()
 
 
-def _write_warned(path: str | None, warned: set[tuple[str, str]]) -> None:
+def _write_warned(path: str | None, warned: set[tuple[str, str]]) -> str | None:
     entries = [{"user": user, "server": server} for user, server in sorted(warned)]
-    _write_atomically(path, json.dumps({"warned": entries}, indent=1))
+    return _write_atomically(path, json.dumps({"warned": entries}, indent=1))
 
 
-def _write_atomically(path: str, text: str) -> None:
-    """Readers (node_exporter, the next pass) see the old file or the new one, never half."""
+def _write_atomically(path: str, text: str) -> str | None:
+    """Readers (node_exporter, the next pass) see the old file or the new one, never half.
+
+    An error text when the file could not be written (the caller counts it as a failure)."""
     temporary = f"{path}.{os.getpid()}.tmp"
     try:
         with open(temporary, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(temporary, path)
     except OSError as exc:
-        log.error("cannot write %s: %s", path, exc)
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        return f"cannot write {path}: {exc.strerror or exc}"
+    return None
 
 
 def _log_outcome(outcome: Outcome) -> None:
@@ -2059,8 +2072,11 @@ def write_metrics(report: Report, metrics_file: str | None, pushgateway: str | N
         last_success.set_to_current_time()
     elif metrics_file:
         last_success.set(_previous_metric(metrics_file, last_success._name))
-    if metrics_file:
-        _write_atomically(metrics_file, prom.generate_latest(registry).decode())
+    if metrics_file and (
+        error := _write_atomically(metrics_file, prom.generate_latest(registry).decode())
+    ):
+        report.errors.append(error)  # pushed below with the figures from before it
+        log.error("%s", error)
     if pushgateway:
         try:
             # push_add replaces only these metrics, so a failed pass keeps the last success.
@@ -2833,6 +2849,8 @@ def main(ctx, url, api_token_file, timeout, max_age, cull_every, cull_users, use
                 log.warning("TLS verification is off (--insecure)")
             report = run_pass(client, policy, settings, stop,
                               _TerminalProgress() if on_terminal else None, looker=looker)
+            if metrics_file or pushgateway:  # first: a file it cannot write is a failure
+                write_metrics(report, metrics_file, pushgateway)
             log.log(
                 _summary_level(report),
                 "%s",
@@ -2843,8 +2861,6 @@ def main(ctx, url, api_token_file, timeout, max_age, cull_every, cull_users, use
                 click.echo(result_table(report), err=True)
             if as_json:
                 click.echo(redact(json.dumps(report.as_dict()), token))
-            if metrics_file or pushgateway:
-                write_metrics(report, metrics_file, pushgateway)
             if not cull_every:
                 return report.exit_code
             if stop.wait(cull_every):

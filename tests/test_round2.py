@@ -332,3 +332,38 @@ def test_a_hub_before_0_9_keeps_todays_reading_of_server(hub_factory):
     assert result.exit_code == 0, result.stderr
     done = {(a["action"], a["user"]) for a in result.json["actions"] if a["result"] == "done"}
     assert done == {("stop", "running"), ("delete_user", "running"), ("delete_user", "gone")}
+
+
+# ---- 14. a state or metrics file that cannot be written is a failure ----------------------------
+
+
+def test_an_unwritable_state_file_sends_no_warning_and_fails(fake_hub, tmp_path):
+    inbox = tmp_path / "inbox"
+    script = tmp_path / "notify.py"
+    script.write_text(f"import sys\nopen({str(inbox)!r}, 'a').write(sys.stdin.read() + '\\n')\n")
+    fake_hub.add_user("soon", servers={"": server(last_activity=iso(500))})
+    fake_hub.add_user("idle", servers={"": idle_server()})
+    state = tmp_path / "no-such-folder" / "state.json"
+    args = ("--warn-before=200", f"--notify-command={sys.executable} {script}",
+            f"--state-file={state}", "--json")  # fmt: skip
+    for _ in range(2):  # the same warning is never sent again and again
+        result = run_cull(fake_hub, *args)
+        assert result.exit_code == 1
+        assert result.json["summary"]["failures"] >= 1
+        assert result.json["summary"]["warnings_sent"] == 0
+        assert any(str(state) in e and "no warning sent" in e for e in result.json["errors"])
+    assert not inbox.exists()
+    assert fake_hub.stops == [("idle", "")]  # culling goes on all the same
+
+
+def test_an_unwritable_metrics_file_is_a_failure(fake_hub, tmp_path):
+    pytest.importorskip("prometheus_client")
+    fake_hub.add_user("idle", servers={"": idle_server()})
+    metrics = tmp_path / "no-such-folder" / "idle_cull.prom"
+    result = run_cull(fake_hub, f"--metrics-file={metrics}", "--json")
+    assert result.exit_code == 1
+    assert result.json["summary"]["failures"] == 1
+    assert any(str(metrics) in error for error in result.json["errors"])
+    assert "failures=1" in result.stderr.splitlines()[-1]
+    assert fake_hub.stops == [("idle", "")]
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind either
