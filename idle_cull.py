@@ -48,7 +48,9 @@ DEFAULT_URL = "http://127.0.0.1:8081/hub/api"
 PAGINATION_MEDIA_TYPE = "application/jupyterhub-pagination+json"
 # What the token must hold to see activity and stop servers, and in addition to delete users.
 SERVER_SCOPES = ("list:users", "read:users:activity", "read:servers", "delete:servers")
-USER_SCOPES = ("delete:users",)
+# read:users: only it shows `created`, without which a user who never had activity has no idle
+# time, and --max-age cannot apply to users.
+USER_SCOPES = ("read:users", "delete:users")
 GROUP_SCOPES = ("read:users:groups",)  # for group exclusions and rules
 LOOK_SCOPES = ("access:servers",)  # to look inside servers (--server-api-url)
 CLOCK_SKEW_WARNING = 60  # seconds
@@ -381,6 +383,15 @@ def user_servers(user: dict) -> dict:
 
 # Why a user listed without "servers" by a Hub with named servers is left alone.
 SERVERS_HIDDEN = "servers not shown (is the token's read:servers filtered?)"
+# Names no request can be trusted to reach: the Hub reads %2E as ".", but a proxy that parses
+# URLs as browsers do (configurable-http-proxy) collapses %2E and %2E%2E segments like "." and
+# "..", so ".../servers/%2E" stops the default server, "/users/%2E/server" deletes user "server".
+DOT_NAMES = frozenset({".", ".."})
+DOT_NAME_KEPT = "kept: a name . or .. may reach another server or user through a proxy"
+
+
+def _unsendable(verdict: Verdict) -> Verdict:
+    return replace(verdict, cull=False, reason=f"{verdict.reason}, but {DOT_NAME_KEPT}")
 
 
 def plan_user(
@@ -415,6 +426,8 @@ def plan_user(
         verdict = server_verdict(server_name, server, policy, now, groups, inside)
         if verdict.look:
             look.append(server_name)
+        elif verdict.cull and DOT_NAMES & {name, server_name}:
+            kept.append((server_name, _unsendable(verdict)))
         elif verdict.cull:
             remove = bool(server_name) and policy.remove_named_servers
             stops.append(Stop(server_name, remove, verdict))
@@ -433,10 +446,10 @@ def plan_user(
     delete = None
     if policy.cull_users and not kept:
         verdict = user_verdict(user, policy, now)
-        if verdict.cull:
+        if verdict.cull and name not in DOT_NAMES:
             delete = verdict
         else:
-            kept.append((None, verdict))
+            kept.append((None, _unsendable(verdict) if verdict.cull else verdict))
     return UserPlan(name, tuple(stops), delete, tuple(kept), warn)
 
 
@@ -837,11 +850,11 @@ class HubClient:
             path = f"/users/{_segment(user)}/servers/{_segment(server)}"
             what = f"stopping server {user}/{server}"
             # The Hub's 404s for an unknown user, and for a user without that named server.
-            gone = (HUB_NOT_FOUND, f"{user} has no server named '{server}'")
+            gone = (*HUB_NOT_FOUND, f"{user} has no server named '{server}'")
         else:
             path = f"/users/{_segment(user)}/server"
             what = f"stopping the default server of {user}"
-            gone = (HUB_NOT_FOUND,)
+            gone = HUB_NOT_FOUND
         response = self._request("DELETE", path, what, json={"remove": True} if remove else None)
         return self._action_result(response, what, gone)
 
@@ -849,7 +862,7 @@ class HubClient:
         """Is the server still running or stopping? (The Hub lists only active servers.)"""
         what = f"looking at user {user}"
         response = self._request("GET", f"/users/{_segment(user)}", what)
-        if _is_hub_404(response, (HUB_NOT_FOUND,)):
+        if _is_hub_404(response, HUB_NOT_FOUND):
             return False  # the user is gone, and so is the server
         model = self._json(response, what)
         servers = model.get("servers") if isinstance(model, dict) else None
@@ -860,7 +873,7 @@ class HubClient:
     def delete_user(self, user: str) -> str:
         what = f"deleting user {user}"
         response = self._request("DELETE", f"/users/{_segment(user)}", what)
-        return self._action_result(response, what, (HUB_NOT_FOUND,))
+        return self._action_result(response, what, HUB_NOT_FOUND)
 
     def _action_result(self, response: requests.Response, what: str, gone: tuple) -> str:
         if response.status_code == 202:
@@ -873,8 +886,9 @@ class HubClient:
         raise HubError(f"{what}: HTTP {response.status_code} {_message(response, self.secret)}")
 
 
-# JupyterHub's message in a 404 for a user that does not exist (tornado's reason phrase).
-HUB_NOT_FOUND = "Not Found"
+# JupyterHub's message in a 404 for a user that does not exist: null (6.x), or tornado's reason
+# phrase (older Hubs).
+HUB_NOT_FOUND = (None, "Not Found")
 
 
 def _segment(name: str) -> str:
@@ -1709,6 +1723,8 @@ def _take_plan(plan: UserPlan, plans: dict, warnings: list, report: Report) -> N
     """Report what a user's plan keeps, note its warnings, and queue its actions."""
     for server, verdict in plan.kept:
         report.servers_hidden += verdict.reason == SERVERS_HIDDEN
+        if verdict.reason.endswith(DOT_NAME_KEPT):  # due, and left for a person to do
+            log.warning("user %s%s: %s", plan.user, _server_suffix(server), verdict.reason)
         if verdict.error:
             message = f"user {plan.user}{_server_suffix(server)}: {verdict.error}; kept"
             report.errors.append(message)

@@ -44,8 +44,8 @@ Behaviour worth knowing when writing tests
   ``X-JupyterHub-Version``.
 - Paths are routed as the Hub's tornado does: the pattern must match the raw path, then each
   name is percent-decoded (``%2E`` is "."; ``/servers/`` with an empty name is the default
-  server; a path no route matches is the Hub's JSON 404 "Not Found"). Errors have the Hub's
-  messages, e.g. 404 "Not Found" for an unknown user and "alice has no server named 'x'".
+  server; a path no route matches is the Hub's JSON 404). Errors have the Hub's messages, e.g.
+  404 with message null for an unknown user, "alice has no server named 'x'" for a server.
 - 204 answers carry no Content-Length (RFC 9110), every other answer does.
 
 A server's own API (for looks inside, as through the proxy): ``hub.set_inside(user, server,
@@ -108,12 +108,13 @@ from urllib.parse import parse_qs, quote, unquote, unquote_to_bytes, urlencode
 
 PAGINATION_MEDIA_TYPE = "application/jupyterhub-pagination+json"
 
-# The scopes the culler needs (delete:users only with --cull-users).
+# The scopes the culler needs (read:users and delete:users only with --cull-users).
 CULLER_SCOPES = [
     "list:users",
     "read:users:activity",
     "read:servers",
     "delete:servers",
+    "read:users",
     "delete:users",
 ]
 
@@ -124,6 +125,7 @@ _IMPLIED_BY = {
     "read:servers": {"servers", "admin:servers"},
     "delete:servers": {"servers", "admin:servers"},
     "delete:users": {"admin:users"},
+    "read:users": {"users", "admin:users"},
 }
 
 FAULT_KINDS = {
@@ -275,7 +277,7 @@ class Fault:
 class _Answer(Exception):
     """Raised inside a handler to answer with an HTTP error."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str | None):
         self.status = status
         self.message = message
 
@@ -411,9 +413,9 @@ class FakeHub:
         servers: dict[str, dict] | None = None,
         **extra: Any,
     ) -> dict:
-        """Add a user. `created`/`groups` are left out of the model unless given (a culler's
-        token usually lacks read:users). Servers are keyed by name ("" = default); their
-        "name" field is filled in. `extra` adds or overrides model fields."""
+        """Add a user. `created`/`groups` are left out of the model unless given (`created` is
+        then shown only to a token with read:users). Servers are keyed by name ("" = default);
+        their "name" field is filled in. `extra` adds or overrides model fields."""
         servers = dict(servers or {})
         model: dict[str, Any] = {"kind": "user", "name": name, "admin": admin}
         if groups is not None:
@@ -570,7 +572,7 @@ class FakeHub:
     def _stop(self, user_name: str, server_name: str, remove: bool) -> int:
         user = self.users.get(user_name)
         if user is None:
-            raise _Answer(404, "Not Found")
+            raise _Answer(404, None)
         active = server_name in user["servers"]
         if server_name:
             if not active and server_name not in self._stopped_named.get(user_name, ()):
@@ -599,7 +601,7 @@ class FakeHub:
     def _delete_user(self, name: str) -> int:
         user = self.users.get(name)
         if user is None:
-            raise _Answer(404, "Not Found")
+            raise _Answer(404, None)
         stopping = _Answer(400, f"{name}'s server is in the process of stopping, please wait.")
         if (name, "") in self._stopping:
             raise stopping
@@ -614,10 +616,11 @@ class FakeHub:
         self.deleted_users.append(name)
         return 204
 
+    def _holds(self, scope: str) -> bool:
+        return scope in self.scopes or bool(_IMPLIED_BY.get(scope, set()) & set(self.scopes))
+
     def _check_scope(self, scope: str) -> None:
-        if self.scopes is None:
-            return
-        if scope in self.scopes or _IMPLIED_BY.get(scope, set()) & set(self.scopes):
+        if self.scopes is None or self._holds(scope):
             return
         raise _Answer(
             403, f"Action is not authorized with current scopes; requires any of [{scope}]"
@@ -631,10 +634,17 @@ class FakeHub:
                 bad.setdefault(fault.params["user"], fault)
         return bad
 
+    def _shown(self, model: dict) -> dict:
+        """A user model as the token may see it: `created` only with read:users (the Hub's
+        rule; see jupyterhub-api-notes.md)."""
+        if "created" not in model or self.scopes is None or self._holds("read:users"):
+            return model
+        return {key: value for key, value in model.items() if key != "created"}
+
     def _model(self, name: str, bad: dict[str, Fault]) -> dict:
         fault = bad.get(name)
         if fault is None:
-            return self.users[name]
+            return self._shown(self.users[name])
         fault.hits += 1
         model = fault.params.get("model")
         return BAD_USER_MODEL(name) if model is None else model
@@ -669,7 +679,11 @@ class FakeHub:
             page = [
                 n for n in page if any(s.get("ready") for s in self.users[n]["servers"].values())
             ]
-        items = [self._model(n, bad) for n in page] if bad else [self.users[n] for n in page]
+        items = (
+            [self._model(n, bad) for n in page]
+            if bad
+            else [self._shown(self.users[n]) for n in page]
+        )
         if not paginated:
             return items
 
@@ -754,7 +768,7 @@ class FakeHub:
         if req.kind == "get_user":
             self._check_scope("read:servers")
             if req.user not in self.users:
-                raise _Answer(404, "Not Found")
+                raise _Answer(404, None)
             return 200, self._model(req.user, self._bad_models(req))
         if req.kind == "delete_user":
             self._check_scope("delete:users")
@@ -768,7 +782,7 @@ class FakeHub:
             remove = bool(isinstance(body, dict) and body.get("remove"))
             return self._stop(req.user, req.server, remove), None
         # The Hub's catch-all for /hub/api/ (API404), or tornado's own 404 elsewhere.
-        raise _Answer(404, "Not Found")
+        raise _Answer(404, None)
 
 
 # The Hub's routes that the fake serves (jupyterhub/apihandlers/*.py): (method, pattern, kind).
@@ -845,7 +859,7 @@ class _Handler(BaseHTTPRequestHandler):
         if raw and status != 204:
             self.wfile.write(raw)
 
-    def _error(self, status: int, message: str, headers=None) -> None:
+    def _error(self, status: int, message: str | None, headers=None) -> None:
         self._send(status, {"status": status, "message": message}, headers=headers)
 
     def _drop(self) -> None:

@@ -12,7 +12,8 @@ Services and their roles (tokens are random per hub, passed to the Hub in its en
   harness            creates users, starts servers, bumps activity (the Hub's admin role)
   idle-culler        exactly the scopes the README asks for: CULLER_SCOPES
   idle-culler-users  CULLER_SCOPES + admin:users (for --cull-users, as the README says)
-  idle-culler-delete-users  CULLER_SCOPES + delete:users, the narrower choice for --cull-users
+  idle-culler-delete-users  CULLER_SCOPES + read:users + delete:users, the narrower choice for
+                     --cull-users (read:users shows `created`)
   idle-culler-groups  CULLER_SCOPES + read:users:groups (for --exclude-group, as the README says)
   culler-no-<scope>  CULLER_SCOPES minus one scope (see lacking()), for the missing-scope error
   idle-culler-looks  CULLER_SCOPES + access:servers, to look inside servers (README)
@@ -282,7 +283,7 @@ class RealHub:
             },
             {
                 "name": "idle-culler-delete-users",
-                "scopes": [*CULLER_SCOPES, "delete:users"],
+                "scopes": [*CULLER_SCOPES, "read:users", "delete:users"],
                 "services": ["idle-culler-delete-users"],
             },
             {

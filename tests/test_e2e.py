@@ -569,3 +569,41 @@ def test_make_demo(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v"]))
+
+
+# -- issue 11: what only a real Hub (and proxy) can show --------------------------------------
+
+
+def test_read_users_shows_created_and_the_hubs_own_404s_count_as_gone(hub):
+    """The README's --cull-users role lets the real Hub show `created`, so a user who never had
+    activity is deleted; the real Hub's 404s for an unknown user or server (its message is
+    null, or names the server) are the ones idle-cull counts as gone, a name sent as %2E too;
+    and why a pass never sends a name of dots: the real proxy collapses %2E."""
+    import idle_cull
+
+    hub.create_users("never")
+    time.sleep(2)  # older than --user-timeout, with no activity ever
+    result = cull(hub, "--cull-users", "--user-timeout=1", token="idle-culler-delete-users")
+    assert ("delete_user", "never", "", "done") in actions(result)
+    assert "never" not in hub.users()
+
+    hub.create_users("u")
+    hub.start_server("u")
+    token = hub.tokens["idle-culler-delete-users"]
+    direct = idle_cull.HubClient(hub.api_url, token)
+    proxied = idle_cull.HubClient(f"{hub.public_url}/hub/api", token)
+    try:
+        for client in (direct, proxied):
+            assert client.delete_user("nobody") == "gone"
+            assert client.stop_server("nobody", "", remove=False) == "gone"
+            assert client.stop_server("u", "nosuch", remove=False) == "gone"
+            assert not client.server_active("nobody", "")
+        # Straight to the Hub, %2E is the server "."; through configurable-http-proxy it is
+        # collapsed, and the stop of "." stops u's default server.
+        assert direct.stop_server("u", ".", remove=False) == "gone"
+        assert hub.snapshot() == {"u": {"": "ready"}}
+        assert proxied.stop_server("u", ".", remove=False) in ("done", "stopping")
+        wait_until(lambda: hub.snapshot() == {"u": {}}, 30, "u's default server stopped")
+    finally:
+        direct.close()
+        proxied.close()

@@ -8,9 +8,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from conftest import run_cull
-from fakehub import fmt, iso, server
+from fakehub import CULLER_SCOPES, fmt, iso, server
 
-from idle_cull import SERVERS_HIDDEN, Policy, Verdict, plan_user
+import idle_cull
+from idle_cull import DOT_NAME_KEPT, SERVERS_HIDDEN, Policy, Verdict, plan_user
 
 IDLE, ACTIVE = 3600, 30  # seconds since last activity, against --timeout 600
 
@@ -30,46 +31,56 @@ def deletes(hub) -> list[str]:
 # ---- 1. names of dots reach their own objects; a 404 is "gone" only when it says so ----------
 
 
-def test_named_servers_dot_and_dotdot_are_stopped_not_the_default_server(fake_hub):
+def test_a_pass_never_sends_a_request_for_a_name_of_dots(fake_hub):
+    """Through configurable-http-proxy %2E becomes "." and collapses (tests/test_e2e.py): a
+    stop for server "." would stop alice's default server, one for user "." delete user
+    "server". Such a due stop or delete is left for a person, with a warning."""
     fake_hub.add_user(
         "alice",
-        last_activity=iso(ACTIVE),
-        servers={"": idle_server(), ".": idle_server(), "..": idle_server()},
+        last_activity=iso(IDLE),
+        servers={"": active_server(), ".": idle_server(), "..": idle_server()},
     )
-    result = run_cull(fake_hub, "--no-cull-default-servers", "--json")
-    assert result.exit_code == 0, result.stderr
-    assert sorted(fake_hub.stops) == [("alice", "."), ("alice", "..")]
-    assert sorted(deletes(fake_hub)) == [
-        "/hub/api/users/alice/servers/%2E",
-        "/hub/api/users/alice/servers/%2E%2E",
-    ]
-    assert fake_hub.server_names() == {("alice", "")}
-
-
-def test_users_dot_and_dotdot_never_touch_another_user(fake_hub):
-    # "." stopping its default server once became DELETE /users/server: user "server" deleted.
     fake_hub.add_user("server", last_activity=iso(ACTIVE), servers={"": active_server()})
     fake_hub.add_user(".", last_activity=iso(IDLE), servers={"": idle_server()})
     fake_hub.add_user("..", last_activity=iso(IDLE), servers={})
     result = run_cull(fake_hub, "--cull-users", "--json")
     assert result.exit_code == 0, result.stderr
-    assert fake_hub.stops == [(".", "")]
-    assert sorted(fake_hub.deleted_users) == [".", ".."]
-    assert "server" in fake_hub.users and fake_hub.server_names() == {("server", "")}
-    assert sorted(deletes(fake_hub)) == [
-        "/hub/api/users/%2E",
-        "/hub/api/users/%2E%2E",
-        "/hub/api/users/%2E/server",
-    ]
+    assert deletes(fake_hub) == [] and fake_hub.stops == []
+    kept = {(k["user"], k["server"]): k["reason"] for k in result.json["kept"]}
+    for key in [("alice", "."), ("alice", ".."), (".", ""), ("..", None)]:
+        assert kept[key].endswith(DOT_NAME_KEPT)
+        assert f"user {key[0]}" in result.stderr
+    assert result.stderr.count(DOT_NAME_KEPT) == 4
 
 
-def test_waiting_for_a_stop_looks_at_the_user_named_dot(fake_hub):
-    fake_hub.add_user(".", last_activity=iso(IDLE), servers={"": idle_server(stop_after=0.5)})
-    result = run_cull(fake_hub, "--cull-users", "--wait-for-stop=20", "--json")
-    assert result.exit_code == 0, result.stderr
-    looks = [r.raw_path for r in fake_hub.requests if r.kind == "get_user"]
-    assert looks and set(looks) == {"/hub/api/users/%2E"}
-    assert fake_hub.deleted_users == ["."]
+@pytest.mark.parametrize(
+    "call, path",
+    [
+        (lambda c: c.stop_server("alice", ".", remove=False), "/hub/api/users/alice/servers/%2E"),
+        (
+            lambda c: c.stop_server("alice", "..", remove=True),
+            "/hub/api/users/alice/servers/%2E%2E",
+        ),
+        (lambda c: c.stop_server(".", "", remove=False), "/hub/api/users/%2E/server"),
+        (lambda c: c.delete_user(".."), "/hub/api/users/%2E%2E"),
+        (lambda c: c.server_active(".", ""), "/hub/api/users/%2E"),
+    ],
+    ids=["stop-named", "remove-named", "stop-default", "delete-user", "look"],
+)
+def test_each_request_sends_a_name_of_dots_as_percent_2e(fake_hub, call, path):
+    """Straight to the Hub (no proxy), %2E reaches the object of that name."""
+    fake_hub.add_user(
+        "alice", servers={"": active_server(), ".": idle_server(), "..": idle_server()}
+    )
+    fake_hub.add_user(".", servers={"": idle_server()})
+    fake_hub.add_user("..", servers={})
+    client = idle_cull.HubClient(fake_hub.url, fake_hub.token)
+    try:
+        call(client)
+    finally:
+        client.close()
+    assert [r.raw_path for r in fake_hub.requests] == [path]
+    assert ("alice", "") in fake_hub.server_names() and not fake_hub.deleted_users[1:]
 
 
 HUB_404 = json.dumps({"status": 404, "message": "Not Found"}).encode()
@@ -367,3 +378,27 @@ def test_an_unwritable_metrics_file_is_a_failure(fake_hub, tmp_path):
     assert "failures=1" in result.stderr.splitlines()[-1]
     assert fake_hub.stops == [("idle", "")]
     assert list(tmp_path.iterdir()) == []  # no temporary file left behind either
+
+
+# ---- 4. --cull-users needs read:users, the only scope that shows `created` ---------------------
+
+WITHOUT_READ_USERS = [s for s in CULLER_SCOPES if s != "read:users"]
+
+
+def test_cull_users_needs_read_users_exit_3_naming_it(hub_factory):
+    hub = hub_factory(scopes=WITHOUT_READ_USERS)
+    hub.add_user("never", last_activity=None, created=iso(IDLE), servers={})
+    result = run_cull(hub, "--cull-users", "--json")
+    assert result.exit_code == 3
+    assert "read:users" in result.stderr and "delete:users" not in result.stderr
+    assert hub.deletes() == []
+    # Without --cull-users it is not needed.
+    assert run_cull(hub).exit_code == 0
+
+
+def test_a_user_who_never_had_activity_is_deleted_by_created(fake_hub):
+    fake_hub.add_user("never", last_activity=None, created=iso(IDLE), servers={})
+    fake_hub.add_user("new", last_activity=None, created=iso(ACTIVE), servers={})
+    result = run_cull(fake_hub, "--cull-users", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert fake_hub.deleted_users == ["never"]
