@@ -2,6 +2,7 @@
 
 import ssl
 import subprocess
+import time
 
 import pytest
 from conftest import run_cull
@@ -95,3 +96,18 @@ def test_internal_ssl_presents_the_client_certificate(certificate, tmp_path):
         result = run_cull(hub, "--ssl-enabled", f"--internal-certs-location={tmp_path}")
         assert result.exit_code == 0, result.stderr
         assert hub.stops == [("u", "")]
+
+
+def test_a_dribbled_answer_over_tls_is_cut_at_the_request_timeout(tls_hub, certificate):
+    """The watchdog shuts a TLS socket as it does a plain one (issue 11, item 8)."""
+    tls_hub.add_user("v", servers={"": server(last_activity=iso(3600))})
+    tls_hub.add_fault(("DELETE", "^/hub/api/users/u/server$"), "dribble", interval=0.5)
+    began = time.monotonic()
+    result = run_cull(
+        tls_hub, f"--ca-bundle={certificate[0]}", "--request-timeout=1", "--retries=0", "--json"
+    )
+    assert time.monotonic() - began < 10
+    assert result.exit_code == 1, result.stderr
+    outcomes = {a["user"]: (a["result"], a["error"]) for a in result.json["actions"]}
+    assert outcomes["v"] == ("done", None)
+    assert outcomes["u"][0] == "failed" and "no whole answer within 1s" in outcomes["u"][1]
