@@ -149,3 +149,15 @@ def test_only_a_bool_from_the_arbiter_decides(answer):
     verdict = server_verdict("", model, Policy(arbiter=lambda **_: answer), NOW)
     assert verdict.cull is False
     assert verdict.error.endswith("not True or False")
+
+
+def test_an_async_cull_arbiter_hook_from_upstreams_config_file_is_awaited(hub, tmp_path):
+    config = tmp_path / "culler_config.py"
+    config.write_text(
+        "async def keep_all(inactive, inactive_limit, server):\n"
+        "    return False\n"
+        "c.IdleCuller.cull_arbiter_hook = keep_all\n"
+    )
+    result = run_cull(hub, f"--config={config}")
+    assert result.exit_code == 0, result.stderr
+    assert hub.stops == []
