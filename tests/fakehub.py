@@ -38,7 +38,8 @@ Behaviour worth knowing when writing tests
   server is running or stopping, else the user is removed (204).
 - Auth: ``Authorization: token <t>`` (or ``bearer``). If ``scopes`` is a list, endpoints also
   check their scope (with admin:users / admin:servers implying the usual sub-scopes) and answer
-  403 "... requires any of [scope]" like the Hub.
+  403 "... requires any of [scope]" like the Hub, and a user's ``created`` is shown only to a
+  token with read:users (or admin:users), as the Hub shows it.
 - Every answer carries ``Date`` (hub clock = local clock + date_skew; left out with
   send_date=False; ``date_header="..."`` sends that text instead, garbage included) and
   ``X-JupyterHub-Version``.
