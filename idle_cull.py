@@ -1889,7 +1889,8 @@ def _send_warnings(
     new, remembered = warnings_to_send(list(verdicts), _read_warned(settings.state_file))
     # Remembered before they are sent: a state file that cannot be written would otherwise
     # have every warning sent again on every pass. Then none is sent, and that is a failure.
-    if not settings.dry_run and (error := _write_warned(settings.state_file, remembered | {*new})):
+    planned = remembered | {*new}
+    if not settings.dry_run and (error := _write_warned(settings.state_file, planned)):
         report.errors.append(f"{error}: no warning sent")
         log.error("%s: no warning sent (it would be sent again on every pass)", error)
         return
@@ -1939,7 +1940,12 @@ def _send_warnings(
                 },
             )
     # Those not sent are forgotten again, so that the next pass sends them.
-    if not settings.dry_run and (error := _write_warned(settings.state_file, remembered)):
+    unsent = remembered != planned
+    if (
+        not settings.dry_run
+        and unsent
+        and (error := _write_warned(settings.state_file, remembered))
+    ):
         report.errors.append(error)
         log.error("%s", error)
 
