@@ -589,11 +589,12 @@ class _Flight:
         closed = self.gate.why_closed()
         if closed is None and now < self.deadline:
             return
-        if self.conn.sock is not None:
+        # Said before the shutdown: the call wakes from it and at once asks why.
+        sock, self.conn, self.timed_out = self.conn.sock, None, closed is None
+        if sock is not None:
             with contextlib.suppress(OSError):
                 # The plain socket's shutdown, TLS or not: it wakes a read blocked on it.
-                socket.socket.shutdown(self.conn.sock, socket.SHUT_RDWR)
-        self.conn, self.timed_out = None, closed is None
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
     def abandoned(self, reason: str) -> Abandoned:
         if self.sent:
