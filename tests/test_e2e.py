@@ -351,7 +351,7 @@ def test_arbiter_decides(hub, tmp_path, verdict):
 def test_upstream_cull_idle_only_after_the_time_limit(hub):
     """Three servers: none culled before the limit, all once they have been idle past it."""
     users = ["test-0", "test-1", "test-2"]
-    limit = 2 * TIMEOUT  # room for a slow start before the first pass
+    limit = 10  # seconds: room for a slow start before the first pass on a loaded machine
     started = time.monotonic()
     hub.create_users(*users)
     for user in users:
