@@ -115,11 +115,25 @@ bench: install $(BENCH_VENV)/.installed
 		--repeat $(REPEAT) --upstream-python $(BENCH_VENV)/bin/python
 
 # --- Container image (README "Kubernetes CronJob") ---
+# The image installs examples/kubernetes/requirements.lock with `pip install --require-hashes`:
+# requirements.txt's pins and what they pull in, each with the sha256 of every file PyPI serves
+# for it (all platforms). LOCK_DATE pins what requirements.txt leaves open (certifi, idna,
+# charset-normalizer): nothing uploaded to PyPI after it is considered, so `make lock` gives the
+# same file on any day until requirements.txt or LOCK_DATE changes (a test reruns it and
+# compares). To move the dependencies on: change requirements.txt and/or LOCK_DATE, then
+# `make lock`.
+LOCK := examples/kubernetes/requirements.lock
+LOCK_DATE := 2026-12-04T00:00:00Z
+
+lock: install
+	$(VENV)/bin/uv pip compile --quiet --generate-hashes --universal --python-version 3.11 \
+		--exclude-newer $(LOCK_DATE) --custom-compile-command 'make lock' requirements.txt -o $(LOCK)
+
 # Built with podman from a base made of Debian's packages by mmdebstrap, so no image registry
-# is needed (the Dockerfile's own default base is the public python:3.12-slim). The base
-# tarball is kept in IMAGE_CACHE, named by a hash of the command that makes it; the engine's
-# layer cache (/var/lib/containers) keeps the rest, so a rebuild with unchanged inputs takes
-# seconds. Needs root (rootful podman) and PyPI for the pip install inside the build.
+# is needed (the Dockerfile's own default base is the public python:3.12-slim, pinned by digest).
+# The base tarball is kept in IMAGE_CACHE, named by a hash of the command that makes it; the
+# engine's layer cache (/var/lib/containers) keeps the rest, so a rebuild with unchanged inputs
+# takes seconds. Needs root (rootful podman) and PyPI for the pip install inside the build.
 IMAGE ?= localhost/idle-cull:latest
 IMAGE_CACHE ?= /var/cache/idle-cull
 # Python 3.11 and its venv module, without documentation (copyright files kept).
@@ -158,4 +172,4 @@ image: image-base
 		then podman image rm $$previous >/dev/null 2>&1 || true; fi
 	@podman image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' $(IMAGE)
 
-.PHONY: image-base image
+.PHONY: lock image-base image

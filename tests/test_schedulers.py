@@ -34,6 +34,7 @@ import realhub
 import yaml
 from conftest import REPO, TOKEN, cannot_run, require_tools
 from fakehub import server
+from packaging.utils import canonicalize_name
 
 import idle_cull
 
@@ -43,6 +44,7 @@ SYSTEMD = REPO / "systemd"
 CRON = REPO / "examples" / "cron"
 K8S = REPO / "examples" / "kubernetes"
 Z2JH = REPO / "examples" / "zero-to-jupyterhub"
+LOCK = K8S / "requirements.lock"  # what the image installs (`make lock`)
 # Where the README installs idle-cull; the tests use the console script of this venv instead.
 INSTALLED = "/opt/idle-cull/venv/bin/idle-cull"
 IDLE_CULL = Path(sys.executable).with_name("idle-cull")  # console script of `pip install -e .`
@@ -111,12 +113,12 @@ def systemd_analyze(*args) -> subprocess.CompletedProcess:
     return subprocess.run(["systemd-analyze", *args], capture_output=True, text=True, timeout=60)
 
 
-def make_target(*args: str) -> subprocess.CompletedProcess:
+def make_target(*args: str, directory: Path = REPO) -> subprocess.CompletedProcess:
+    """The repository's Makefile, run in `directory` (its paths are relative to it)."""
     # Under `make test`, the outer make's flags (jobserver, -n, ...) must not reach this one.
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
-    return subprocess.run(
-        ["make", "-s", "-C", str(REPO), *args], env=env, capture_output=True, text=True, timeout=900
-    )
+    argv = ["make", "-s", "-C", str(directory), "-f", str(REPO / "Makefile"), *args]
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
 
 
 def make_install_systemd(root: Path) -> subprocess.CompletedProcess:
@@ -692,13 +694,30 @@ def test_dockerfile_passes_hadolint(tmp_path):
 def test_dockerfile_matches_the_manifest_and_the_project():
     """Static checks, which hold where no engine can build the image."""
     instructions = dockerfile()
-    # The public base by default; `make image` passes its own.
-    assert instructions["ARG"] == ["BASE=python:3.12-slim"]
+    # The public base by default, pinned by digest with its tag beside it; `make image` passes
+    # its own.
+    (arg,) = instructions["ARG"]
+    assert re.fullmatch(r"BASE=python:3\.12-slim@sha256:[0-9a-f]{64}", arg), arg
     assert instructions["FROM"] == ["${BASE}"]
     security = pod_spec(cronjob())["securityContext"]
     assert instructions["USER"] == [f"{security['runAsUser']}:{security['runAsGroup']}"]
+    # Every pip install takes hashed wheels only, from the lock the build context carries.
+    installs = [c for run in instructions["RUN"] for c in run.split("&&") if "pip install" in c]
+    assert installs
+    for command in installs:
+        argv = shlex.split(command)
+        assert {"--require-hashes", "--only-binary"} <= set(argv), command
+        lock = argv[argv.index("-r") + 1]
+        assert f"{LOCK.relative_to(REPO)} {Path(lock).parent}/" in instructions["COPY"]
+    # The launcher runs what pyproject.toml's console script names, from the copied file.
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert json.loads(instructions["ENTRYPOINT"][0])[0] in scripts
+    (command,) = json.loads(instructions["ENTRYPOINT"][0])
+    module, function = scripts[command].split(":")
+    assert f"examples/kubernetes/{command} /opt/idle-cull/bin/" in instructions["COPY"]
+    assert f"\nfrom {module} import {function}\n" in (K8S / command).read_text()
+    assert os.access(K8S / command, os.X_OK)
+    assert f"{module}.py /opt/idle-cull/app/" in instructions["COPY"]
+    assert "PYTHONPATH=/opt/idle-cull/app" in instructions["ENV"][0].split()
     # Every file copied exists and is let through by Dockerfile.dockerignore.
     allowed = {
         line[1:]
@@ -710,6 +729,43 @@ def test_dockerfile_matches_the_manifest_and_the_project():
         assert set(sources) <= allowed
         for source in sources:
             assert (REPO / source).is_file(), source
+
+
+def pins(path: Path) -> dict[str, tuple[str, list[str]]]:
+    """name -> (version, its sha256 hashes) for each `name==version` of a requirements file,
+    which may hold nothing else but comments."""
+    found = {}
+    for line in path.read_text().replace("\\\n", " ").splitlines():
+        requirement = line.partition("#")[0].strip()
+        if requirement:
+            match = re.fullmatch(
+                r"([\w.-]+)==(\S+)((?:\s+--hash=sha256:[0-9a-f]{64})*)", requirement
+            )
+            assert match, f"{path.name}: not a pinned requirement: {line}"
+            name = canonicalize_name(match[1])
+            found[name] = (match[2], re.findall(r"[0-9a-f]{64}", match[3]))
+    return found
+
+
+def test_image_lock_pins_what_requirements_txt_pins():
+    """The image installs the versions the tests run: requirements.txt's pins are in the lock
+    at the same versions, and every package in the lock has its hashes."""
+    pinned, locked = pins(REPO / "requirements.txt"), pins(LOCK)
+    assert pinned
+    for name, (version, _) in pinned.items():
+        assert locked.get(name, ("not in the lock",))[0] == version, name
+    assert all(hashes for _, hashes in locked.values())
+
+
+def test_image_lock_is_what_make_lock_makes(tmp_path):
+    """`make lock` (uv, from PyPI, nothing newer than LOCK_DATE) writes the lock again byte for
+    byte: its hashes are those of the files PyPI serves, and no one edited it by hand."""
+    again = tmp_path / "requirements.lock"
+    done = make_target("lock", f"LOCK={again}")
+    if done.returncode != 0 and "Failed to fetch" in done.stderr:
+        cannot_run(f"lock check: PyPI cannot be reached: {last_line(done)}")
+    assert done.returncode == 0, done.stderr
+    assert again.read_text() == LOCK.read_text()
 
 
 # ---- the container image, built and run ------------------------------------------------------
@@ -797,6 +853,41 @@ def test_image_fails_the_job_when_the_hub_refuses_the_token(image, hub, tmp_path
     assert done.returncode == 3, done.stderr
     assert hub.stops == []
     assert "403" in done.stderr
+
+
+def test_image_holds_the_locked_packages(image):
+    """What pip installed in the image's venv is the lock, version for version; besides it only
+    the venv's own pip (and, with Debian's Python 3.11, setuptools), which come with the base."""
+    done = subprocess.run(
+        ["podman", "run", "--rm", *ENGINE_FLAGS, "--read-only", "--user", "65532:65532"]
+        + ["--entrypoint", "python3", image, "-m", "pip", "list", "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    installed = {canonicalize_name(p["name"]): p["version"] for p in json.loads(done.stdout)}
+    locked = {name: version for name, (version, _) in pins(LOCK).items()}
+    assert {name: installed.get(name) for name in locked} == locked
+    assert set(installed) - set(locked) <= {"pip", "setuptools"}
+
+
+def test_image_build_refuses_a_file_whose_hash_the_lock_does_not_list(image, tmp_path):
+    """`make image` on a copy of the build context whose lock has other hashes for requests:
+    pip downloads it, finds a sha256 the lock does not list, and the build fails."""
+    for source in ["idle_cull.py", *(str(p.relative_to(REPO)) for p in K8S.iterdir())]:
+        (tmp_path / source).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / source, tmp_path / source)
+    version, hashes = pins(LOCK)["requests"]
+    tampered = LOCK.read_text()
+    for digest in hashes:
+        tampered = tampered.replace(digest, hashlib.sha256(digest.encode()).hexdigest())
+    (tmp_path / LOCK.relative_to(REPO)).write_text(tampered)
+    done = make_target("image", f"IMAGE={image}-tampered", directory=tmp_path)
+    assert done.returncode != 0
+    assert "DO NOT MATCH THE HASHES" in done.stderr and f"requests=={version} from" in done.stderr
+    # The file PyPI served is one the true lock lists.
+    assert any(digest in done.stderr for digest in hashes)
 
 
 def test_image_runs_idle_cull_as_the_manifest_user(image):
