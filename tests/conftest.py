@@ -20,6 +20,14 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # idle_cull.py, even without the editable install
 TOKEN = "test-token-s3cr3t"
 
+
+def readme_block(language: str, after: str) -> str:
+    """The first ```language block of README.md after the text `after` (a heading)."""
+    text = (REPO / "README.md").read_text()
+    start = text.index(f"```{language}\n", text.index(after)) + len(language) + 4
+    return text[start : text.index("```", start)]
+
+
 # Settings from the outer environment must not leak into a run (e.g. JUPYTERHUB_SERVICE_NAME
 # would turn a one-pass run into a loop).
 _ENV_PREFIXES = ("IDLE_CULL_", "JUPYTERHUB_")

@@ -4,7 +4,7 @@ import logging
 import sys
 
 import pytest
-from conftest import REPO, TOKEN, assert_usage_error, run_cull
+from conftest import TOKEN, assert_usage_error, readme_block, run_cull
 from fakehub import iso, server
 from hypothesis import assume, given
 from hypothesis import strategies as st
@@ -322,12 +322,6 @@ def test_generate_config_prints_every_setting_and_loads_back_to_the_defaults(
     assert uncommented.count("\nc.") == len(idle_cull.CONFIG_TRAITS)
     logging.getLogger().setLevel(logging.WARNING)
     assert settings(f"--config={write(tmp_path / 'uncommented.py', uncommented)}") == defaults
-
-
-def readme_block(language, after):
-    text = (REPO / "README.md").read_text()
-    start = text.index(f"```{language}\n", text.index(after)) + len(language) + 4
-    return text[start : text.index("```", start)]
 
 
 def test_the_readme_config_examples_read_as_documented(fake_hub, captured, tmp_path, monkeypatch):

@@ -32,7 +32,7 @@ import kubernetes_validate
 import pytest
 import realhub
 import yaml
-from conftest import REPO, TOKEN, cannot_run, require_tools
+from conftest import REPO, TOKEN, cannot_run, readme_block, require_tools
 from fakehub import server
 from packaging.utils import canonicalize_name
 
@@ -1015,6 +1015,37 @@ def test_z2jh_schema_check_catches_a_broken_copy(path, value):
     node[last] = value
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(values, CHART_VALUES_SUBSET)
+
+
+def helm_upgrades(text: str) -> list[list[str]]:
+    """The words of each `helm upgrade` command in shell text, or in a file's # comments."""
+    joined = re.sub(r"\\\n#?", " ", text)
+    return [
+        shlex.split(line[line.index("helm upgrade") :])
+        for line in joined.splitlines()
+        if "helm upgrade" in line
+    ]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [readme_block("sh", "### Zero to JupyterHub"), (Z2JH / "values.yaml").read_text()],
+    ids=["readme", "values.yaml"],
+)
+def test_z2jh_helm_upgrade_keeps_the_chart_version(text):
+    """The upgrade that adds the culler changes values only: the chart version the release
+    runs (not the repository's newest), the operator's release and namespace, no --install (a
+    mistyped name must fail, not install a second JupyterHub), no --reuse-values, and the
+    operator's config.yaml before values.yaml."""
+    (argv,) = helm_upgrades(text)
+    pairs = list(zip(argv, argv[1:], strict=False))
+    options = dict(pairs)
+    assert argv[:2] == ["helm", "upgrade"] and not argv[2].startswith("-")
+    assert re.fullmatch(r"<version>|\d+\.\d+\.\d+", options.get("--version", "")), argv
+    assert options.get("-n", options.get("--namespace"))
+    assert not {"--install", "-i", "--reuse-values"} & set(argv)
+    values = [value for option, value in pairs if option in ("-f", "--values")]
+    assert values[0] == "config.yaml" and values[-1].endswith("values.yaml") and len(values) == 2
 
 
 def test_z2jh_values_and_cronjob_fit_together():
