@@ -1,4 +1,5 @@
-# idle-cull: `make install`, `make test`, `make lint`, `make bench`, `make demo`, `make image`.
+# idle-cull: `make install`, `make test`, `make lint`, `make bench`, `make bench-hub`, `make demo`,
+# `make image`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ NODE_BIN := $(abspath $(NODE_DIR))/node_modules/.bin
 CHP := $(NODE_BIN)/configurable-http-proxy
 STAMP := $(VENV)/.installed
 
-.PHONY: install proxy test lint bench demo clean upstream
+.PHONY: install proxy test lint bench bench-hub demo clean upstream
 
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -113,6 +114,21 @@ $(BENCH_VENV)/.installed:
 bench: install $(BENCH_VENV)/.installed
 	$(PY) tests/bench/bench.py --sizes $(SIZES) --latencies $(LATENCIES) --cases "$(CASES)" \
 		--repeat $(REPEAT) --upstream-python $(BENCH_VENV)/bin/python
+
+# --- Real-Hub benchmark (issue 18; not part of `make test`) ---
+# What a pass costs a real JupyterHub (from .venv, with the real configurable-http-proxy) and a
+# user of it: 5,000 users, 1,000 running stand-in servers, 500 of them idle, restored before each
+# pass; upstream 2.0.0 and each variant of ours take turns, HUB_PAIRS times each; then the Hub's
+# CPU per request for each kind of token. Prints the table and PASS/FAIL per target (README "What
+# a pass costs the Hub"; exit 1 on a FAIL). About 10 minutes with the defaults below.
+# HUB_VARIANTS: NAME[@TOKEN]=ARGS,... (TOKEN: config, the service's api_token from the Hub's
+# config, or generated, one the Hub made); the first is held to the targets.
+HUB_PAIRS ?= 3
+HUB_VARIANTS ?= ours=,ours-generated-token@generated=,ours-c1=--concurrency 1
+
+bench-hub: install $(CHP) $(BENCH_VENV)/.installed
+	PATH="$(NODE_BIN):$$PATH" $(PY) tests/bench/realhub_bench.py --pairs $(HUB_PAIRS) \
+		--variants "$(HUB_VARIANTS)" --upstream-python $(BENCH_VENV)/bin/python
 
 # --- Container image (README "Kubernetes CronJob") ---
 # The image installs examples/kubernetes/requirements.lock with `pip install --require-hashes`:

@@ -5,7 +5,9 @@ venv, waits until the Hub answers both directly and through the proxy, and on `s
 Hub and then, by PID, anything the Hub started that outlived it (proxy, managed services, servers).
 
 Servers are stand-ins by default (`LightSpawner`): no process per server, one tiny HTTP server
-inside the Hub process answers for all of them, so a test can run many servers in seconds.
+inside the Hub process answers for all of them, so a test can run many servers in seconds. They
+stay running across a Hub restart when the Hub keeps its servers (`cleanup_servers = False`,
+through `extra_config`, as tests/bench/realhub_bench.py does).
 `spawner="simple"` uses real `jupyterhub-singleuser` processes instead.
 
 Services and their roles (tokens are random per hub, passed to the Hub in its environment):
@@ -129,6 +131,11 @@ class LightSpawner(Spawner):
     async def poll(self):
         return None if self.running else 0
 
+    # After a restart the Hub asks a running server where it is and checks that it answers
+    # there: the stand-in server of the old Hub process is gone, this process has its own.
+    async def get_url(self):
+        return _stand_in_server() + self.server.base_url
+
     # The Hub saves state in its database after start and restores it after a restart.
     def get_state(self):
         state = super().get_state()
@@ -241,9 +248,10 @@ class CullResult:
 class RealHub:
     """One JupyterHub + proxy. Use as a context manager, or call start() and stop()."""
 
-    def __init__(self, workdir, *, spawner="light", managed_culler=None):
+    def __init__(self, workdir, *, spawner="light", managed_culler=None, extra_config=()):
         self.workdir = Path(workdir)
         self.spawner = spawner
+        self.extra_config = list(extra_config)  # lines appended to jupyterhub_config.py
         # A command line: the Hub itself runs it as the managed service "managed-culler".
         self.managed_culler = managed_culler
         self.hub_port, self.proxy_port, self.proxy_api_port = free_ports(3)
@@ -374,6 +382,7 @@ class RealHub:
             '        service["api_token"] = os.environ[service.pop("api_token_env")]',
             "c.JupyterHub.services = services",
             *self._spawner_config(),
+            *self.extra_config,
         ]
         path = w / "jupyterhub_config.py"
         path.write_text("\n".join(lines) + "\n")
