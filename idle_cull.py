@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import http.client
 import importlib
 import itertools
 import json
@@ -22,6 +23,7 @@ import reprlib
 import shlex
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -31,6 +33,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
+from http import HTTPStatus
 from urllib.parse import quote, unquote, urlencode, urlsplit
 
 import click
@@ -513,7 +516,280 @@ def has_scopes(version: object) -> bool:
 
 
 class HubError(Exception):
-    """A request to the Hub failed. The message names what failed and never holds the token."""
+    """A request to the Hub failed. The message names what failed and never holds the token.
+
+    A request that got no usable answer also has `failure` (why, and what to check) and `url`.
+    """
+
+    def __init__(
+        self, message: str, *, failure: Failure | None = None, what: str = "", url: str = ""
+    ):
+        super().__init__(message)
+        self.failure, self.what, self.url = failure, what, url
+
+    def explained(self) -> str:
+        """The message with the URL and what to check, for the line that ends a pass."""
+        if self.failure is None:
+            return str(self)
+        text = f"{self.what} at {self.url}{str(self)[len(self.what) :]}"
+        return f"{text}; {self.failure.hint}" if self.failure.hint else text
+
+    def fields(self) -> dict:
+        """The failure as JSON log fields (none when it is not a request's)."""
+        if self.failure is None:
+            return {}
+        return {
+            "cause": self.failure.cause,
+            "url": self.url,
+            "status": self.failure.status,
+            "hint": self.failure.hint,
+        }
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a request got no usable answer, as an operator reads it: `cause` is a fixed key
+    (for logs and tests), `words` say what happened, `hint` what to check (None: nothing)."""
+
+    cause: str
+    words: str
+    hint: str | None = None
+    status: int | None = None  # of the answer, when there was one
+
+
+# OpenSSL's X509_V_ERR_* codes for a certificate that no CA at hand vouches for.
+TLS_UNTRUSTED = frozenset({2, 18, 19, 20, 21, 27})
+TLS_EXPIRED, TLS_NOT_YET_VALID, TLS_NAME_MISMATCH = 10, 9, frozenset({62, 64})
+TOKEN_HINT = (
+    "check the token (JUPYTERHUB_API_TOKEN or --api-token-file) and the scopes of its role "
+    "(README: The token and its scopes)"
+)
+API_HINT = "check that --url is the Hub's API, ending in /hub/api"
+PROXY_HINT = "a proxy in front of the Hub answered: check that the Hub runs, and the proxy's log"
+
+
+def explain_error(
+    error: BaseException, url: str, timeout: float, option: str = "--url", cut: bool = False
+) -> Failure:
+    """Why a request to `url` got no answer, from the first cause an operator can act on in
+    `error` (and all it wraps). `option` names the URL's origin (--url, or --server-api-url
+    for looks inside servers); `cut`: the watchdog ended the attempt at its deadline."""
+    host, where = _host_and_port(url)
+    thing = "the Hub" if option == "--url" else "the proxy"
+    chain = _chain(error)
+
+    def first(*types: type) -> BaseException | None:
+        return next((e for e in chain if isinstance(e, types)), None)
+
+    if first(requests.exceptions.ProxyError, urllib3.exceptions.ProxyError) and not cut:
+        return Failure(
+            "proxy",
+            f"no connection to {where} through the proxy the environment names",
+            "check the proxy, and HTTPS_PROXY, HTTP_PROXY and NO_PROXY in the environment",
+        )
+    # urllib3's NewConnectionError is a ConnectTimeoutError too, whatever the failure was.
+    if not cut and any(
+        isinstance(e, urllib3.exceptions.ConnectTimeoutError)
+        and not isinstance(e, urllib3.exceptions.NewConnectionError)
+        for e in chain
+    ):
+        return Failure(
+            "connect_timeout",
+            f"no connection to {where} within {timeout:g}s",
+            f"check {option}'s address, and any firewall between here and {thing}",
+        )
+    if cut or first(urllib3.exceptions.ReadTimeoutError, requests.exceptions.ReadTimeout):
+        hint = (
+            "the Hub is slow or stuck: check its load and log, or raise --request-timeout"
+            if option == "--url"
+            else None
+        )
+        return Failure("timeout", f"no whole answer within {timeout:g}s", hint)
+    if cert := first(ssl.SSLCertVerificationError):
+        return _certificate_failure(cert, host, where, option, thing)
+    if tls := first(ssl.SSLError):
+        reason = (tls.reason or "failed").lower().replace("_", " ")
+        hint = (
+            f"{where} may speak plain HTTP: check the scheme of {option} (http:// or https://)"
+            if tls.reason == "WRONG_VERSION_NUMBER"
+            else f"check the scheme of {option} and the TLS options (--ca-bundle, --ssl-enabled)"
+        )
+        return Failure("tls", f"the TLS handshake with {where} failed ({reason})", hint)
+    if dns := first(socket.gaierror):
+        return Failure(
+            "dns",
+            f"host {host} not found by DNS ({dns.strerror or 'no address'})",
+            f"check the host name in {option}, and this machine's DNS",
+        )
+    if first(ConnectionRefusedError):
+        return Failure(
+            "refused",
+            f"connection refused by {where}",
+            f"check that {thing} runs and that {option} has its address and port",
+        )
+    closed_hint = f"check {thing}'s log, and any proxy or load balancer between here and it"
+    if first(http.client.RemoteDisconnected):
+        return Failure("closed", f"{where} closed the connection without answering", closed_hint)
+    if first(ConnectionError, http.client.HTTPException, urllib3.exceptions.ProtocolError):
+        return Failure(
+            "closed", f"the connection to {where} broke before the whole answer", closed_hint
+        )
+    if system := next((e for e in chain if isinstance(e, OSError) and e.strerror), None):
+        return Failure(
+            "network",
+            f"no connection to {where} ({system.strerror})",
+            f"check {option}'s address, and this machine's network",
+        )
+    return Failure("other", "the request failed (--log-level=debug says why)")
+
+
+def _certificate_failure(
+    cert: ssl.SSLCertVerificationError, host: str, where: str, option: str, thing: str
+) -> Failure:
+    code, fixed_elsewhere = cert.verify_code, "--ca-bundle cannot fix this"
+    if code in TLS_UNTRUSTED:
+        return Failure(
+            "tls_untrusted",
+            f"the TLS certificate of {where} is not trusted ({cert.verify_message})",
+            "give --ca-bundle the CA that issued it",
+        )
+    if code in TLS_NAME_MISMATCH:
+        return Failure(
+            "tls_name",
+            f"the TLS certificate of {where} is not for {host}",
+            f"use in {option} a name the certificate is for, or give {thing} a certificate "
+            f"for {host} ({fixed_elsewhere})",
+        )
+    if code == TLS_EXPIRED:
+        return Failure(
+            "tls_expired",
+            f"the TLS certificate of {where} has expired",
+            f"renew it, or check this machine's clock ({fixed_elsewhere})",
+        )
+    if code == TLS_NOT_YET_VALID:
+        return Failure(
+            "tls_not_yet_valid",
+            f"the TLS certificate of {where} is not valid yet",
+            f"check this machine's clock, or the certificate's start date ({fixed_elsewhere})",
+        )
+    return Failure(
+        "tls",
+        f"the TLS certificate of {where} is refused ({cert.verify_message})",
+        "check the certificate, and --ca-bundle",
+    )
+
+
+def explain_answer(
+    status: int,
+    message: str,
+    *,
+    html: bool = False,
+    is_json: bool = True,
+    from_hub: bool = True,
+    location: str | None = None,
+    option: str = "--url",
+) -> Failure:
+    """Why an answer is not the one wanted: its status, or (for a 2xx) its body. `message` is
+    the Hub's own (or the status's reason phrase), `from_hub` whether the Hub said it (its
+    X-JupyterHub-Version header), `option` as for explain_error; hints are for the Hub only."""
+    hub = option == "--url"
+    words = f"HTTP {status} {message}".rstrip()
+    if hub and not from_hub and status >= 300:
+        words += ", not from the Hub"
+
+    def failure(cause: str, words: str, hint: str | None) -> Failure:
+        return Failure(cause, words, hint if hub else None, status)
+
+    if 300 <= status < 400:
+        return failure(
+            "redirect", f"{words} (to {location or '?'})", f"{API_HINT}; redirects are not followed"
+        )
+    if status in (401, 403):
+        return failure("token", words, TOKEN_HINT)
+    if status == 404:
+        return failure("not_found", words, API_HINT)
+    if status == 429:
+        return failure(
+            "rate_limited",
+            words,
+            "the Hub or a proxy in front of it limits requests: lower --concurrency",
+        )
+    if status >= 500:
+        return failure("server_error", words, "check the Hub's log" if from_hub else PROXY_HINT)
+    if status >= 400:
+        return failure("http", words, None)
+    if html:
+        return failure(
+            "html",
+            f"an HTML page (HTTP {status}), not JSON",
+            "check that --url reaches the Hub's API itself (ending in /hub/api), not a login "
+            "page or a proxy's",
+        )
+    if not is_json:
+        return failure("not_json", f"the answer is not JSON (HTTP {status})", API_HINT)
+    return failure("unexpected", f"{words}, not an answer the Hub gives", API_HINT)
+
+
+def _host_and_port(url: str) -> tuple[str, str]:
+    """The host of a URL, and host:port (never a user:password@ in front)."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return host, f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _shown_url(url: str) -> str:
+    """A URL for logs: without a user:password@ that --url may hold."""
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """`error` and every exception it wraps: requests and urllib3 nest the cause deep."""
+    found: list[BaseException] = []
+    todo = [error]
+    while todo:
+        exc = todo.pop(0)
+        if any(exc is seen for seen in found):
+            continue
+        found.append(exc)
+        inner = [*exc.args, getattr(exc, "reason", None), exc.__cause__, exc.__context__]
+        todo += [e for e in inner if isinstance(e, BaseException)]
+    return found
+
+
+def _failed(
+    what: str, url: str, failure: Failure, retried: int = 0, cls: type[HubError] | None = None
+) -> HubError:
+    after = f" (after {retried} retr{'y' if retried == 1 else 'ies'})" if retried else ""
+    return (cls or HubError)(
+        f"{what}: {failure.words}{after}", failure=failure, what=what, url=_shown_url(url)
+    )
+
+
+def _answer_failed(
+    response: requests.Response,
+    what: str,
+    secret: str,
+    *,
+    is_json: bool = True,
+    option: str = "--url",
+    cls: type[HubError] | None = None,
+) -> HubError:
+    """The error for an answer that is not the one wanted (see explain_answer)."""
+    headers = response.headers
+    failure = explain_answer(
+        response.status_code,
+        _message(response, secret),
+        html=headers.get("Content-Type", "").lower().startswith("text/html"),
+        is_json=is_json,
+        from_hub="X-JupyterHub-Version" in headers,
+        location=redact(headers.get("Location", "?"), secret)[:100],
+        option=option,
+    )
+    # urllib3 hands each attempt's answer the retries made before it.
+    retried = len(getattr(getattr(response.raw, "retries", None), "history", ()))
+    return _failed(what, response.url, failure, retried, cls)
 
 
 def redact(text: str, secret: str) -> str:
@@ -569,6 +845,9 @@ class _Flight:
         self.deadline = math.inf
         self.sent = False
         self.timed_out = False  # the watchdog cut the last attempt at its deadline
+        self.retried = 0
+        # What a retry line says: set by _send.
+        self.method, self.url, self.option = "", "", "--url"
 
     def attempt(self, conn) -> None:
         """An attempt (the first, or a retry) sends its request on `conn`."""
@@ -670,17 +949,76 @@ class _WatchedAdapter(HTTPAdapter):
 
 
 class _CappedRetry(Retry):
-    def parse_retry_after(self, retry_after: str) -> float:
-        return min(super().parse_retry_after(retry_after), RETRY_AFTER_CAP)
+    """urllib3's retries, each said in one line of ours (urllib3's own are DEBUG details),
+    waiting on the pass's gate, and for a Retry-After up to RETRY_AFTER_CAP."""
+
+    def increment(self, method=None, url=None, response=None, error=None, *args, **kwargs):
+        retry = self
+        # A certificate that cannot be verified now will not be in a second either.
+        if error is not None and any(
+            isinstance(e, ssl.SSLCertVerificationError) for e in _chain(error)
+        ):
+            retry = self.new(total=0)
+        return super(_CappedRetry, retry).increment(method, url, response, error, *args, **kwargs)
 
     def sleep(self, response=None) -> None:
         flight = _this_thread.flight
+        asked = None
+        if response is not None and (header := response.headers.get("Retry-After")):
+            # Unreadable (a proxy's garbage): the backoff, as if there were none.
+            with contextlib.suppress(urllib3.exceptions.InvalidHeader, ValueError, OverflowError):
+                asked = super().parse_retry_after(header)
+        delay = min(asked, RETRY_AFTER_CAP) if asked else self.get_backoff_time()
+        flight.retried = attempt = len(self.history)
+        if not flight.gate.why_closed():  # else no retry will be sent
+            self._say(flight, response, attempt, delay, asked)
         # The last attempt's connection is back in the pool, maybe already another call's.
         flight.between_attempts()
-        retry_after = (
-            response and self.respect_retry_after_header and self.get_retry_after(response)
+        flight.gate.sleep(delay)
+
+    def _say(self, flight: _Flight, response, attempt: int, delay: float, asked) -> None:
+        error = self.history[-1].error
+        if error is not None:
+            failure = explain_error(
+                error, flight.url, flight.timeout, flight.option, cut=flight.timed_out
+            )
+        else:
+            try:
+                phrase = HTTPStatus(response.status).phrase
+            except ValueError:
+                phrase = ""
+            failure = explain_answer(
+                response.status,
+                phrase,
+                from_hub="X-JupyterHub-Version" in response.headers,
+                option=flight.option,
+            )
+        retries = self.total + attempt  # each retry took one from the total
+        honoured = ""
+        if asked:
+            capped = f", capped at {RETRY_AFTER_CAP}s" if asked > RETRY_AFTER_CAP else ""
+            honoured = f" (Retry-After: {asked:.0f}s{capped})"
+        log.warning(
+            "%s %s: %s; retry %d of %d in %.1fs%s",
+            flight.method,
+            urlsplit(flight.url).path,
+            failure.words,
+            attempt,
+            retries,
+            delay,
+            honoured,
+            extra={
+                "event": "retry",
+                "cause": failure.cause,
+                "url": _shown_url(flight.url),
+                "status": failure.status,
+                "hint": failure.hint,
+                "attempt": attempt,
+                "retries": retries,
+                "delay_s": round(float(delay), 1),
+                "retry_after_s": asked,
+            },
         )
-        flight.gate.sleep(retry_after or self.get_backoff_time())
 
 
 class _TokenAuth(requests.auth.AuthBase):
@@ -764,11 +1102,11 @@ class HubClient:
 
     def _json(self, response: requests.Response, what: str) -> object:
         if not 200 <= response.status_code < 300:
-            raise HubError(f"{what}: HTTP {response.status_code} {_message(response, self.secret)}")
+            raise _answer_failed(response, what, self.secret)
         try:
             return response.json()
         except ValueError:
-            raise HubError(f"{what}: the answer is not JSON") from None
+            raise _answer_failed(response, what, self.secret, is_json=False) from None
         except RecursionError:
             raise HubError(f"{what}: the answer is JSON nested too deep to read") from None
 
@@ -884,7 +1222,7 @@ class HubClient:
         # The Hub answers 204. A redirect or a proxy's 200 page (a login form) stopped nothing.
         if response.status_code == 204 or (response.status_code == 200 and not response.content):
             return "done"
-        raise HubError(f"{what}: HTTP {response.status_code} {_message(response, self.secret)}")
+        raise _answer_failed(response, what, self.secret)
 
 
 # JupyterHub's message in a 404 for a user that does not exist: null (6.x), or tornado's reason
@@ -918,11 +1256,12 @@ def _is_hub_404(response: requests.Response, messages: tuple) -> bool:
 
 
 class LookFailed(HubError):
-    """A look inside a server did not answer 200 JSON; `status` is the HTTP status, if any."""
+    """A look inside a server did not answer 200 JSON, or was not sent."""
 
-    def __init__(self, message: str, status: int | None = None):
-        super().__init__(message)
-        self.status = status
+    @property
+    def status(self) -> int | None:
+        """The HTTP status of the answer, if there was one."""
+        return self.failure.status if self.failure else None
 
 
 class ServerClient:
@@ -971,18 +1310,22 @@ class ServerClient:
             # The server's own clock stays still; the proxy still counts the look as activity.
             {"no_track_activity": "1"},
             proxies=self.proxies,
+            option="--server-api-url",
+        )
+        failed = functools.partial(
+            _answer_failed,
+            response,
+            what,
+            self.hub.secret,
+            option="--server-api-url",
+            cls=LookFailed,
         )
         if response.status_code != 200:
-            location = self.hub.redact(response.headers.get("Location", "?"))[:100]
-            to = f" (to {location})" * response.is_redirect
-            raise LookFailed(
-                f"{what}: HTTP {response.status_code} {_message(response, self.hub.secret)}{to}",
-                response.status_code,
-            )
+            raise failed()
         try:
             answer = response.json()
         except (ValueError, RecursionError):
-            raise LookFailed(f"{what}: the answer is not JSON", 200) from None
+            raise failed(is_json=False) from None
         try:
             date = parsedate_to_datetime(response.headers["Date"])
         except (KeyError, TypeError, ValueError, IndexError):
@@ -998,11 +1341,13 @@ def _send(
     timeout: float,
     params: dict | None = None,
     proxies: dict | None = None,
+    option: str = "--url",
     **kwargs,
 ) -> requests.Response:
     """One request on the Hub client's session, sent with the URL as built, redirects not
     followed, each attempt's whole answer within `timeout` (see _Watchdog); every failure a
-    HubError naming `what`, Abandoned once the client's gate has closed."""
+    HubError naming `what` and why (see explain_error; `option` names the URL's origin),
+    Abandoned once the client's gate has closed."""
     url += f"?{urlencode(params)}" if params else ""
     # requests re-quotes a URL (turning %2E back into ".") and collapses "." and ".."
     # segments: the request is prepared, then sent with the URL exactly as built.
@@ -1010,18 +1355,15 @@ def _send(
     prepared.url = url
     sending = {} if proxies is None else {"proxies": proxies}
     with hub.watchdog.watch(what, timeout, hub.gate) as flight:
+        flight.method, flight.url, flight.option = method, url, option
         try:
             response = hub.session.send(prepared, timeout=timeout, allow_redirects=False, **sending)
         except requests.RequestException as exc:
             if reason := hub.gate.why_closed():
                 raise flight.abandoned(reason) from None
-            if flight.timed_out or isinstance(exc, requests.Timeout):
-                raise HubError(f"{what}: no whole answer within {timeout:g}s") from None
-            if isinstance(exc, requests.exceptions.RetryError):
-                raise HubError(
-                    f"{what}: gave up after retries ({_cause(exc, hub.secret)})"
-                ) from None
-            raise HubError(f"{what}: {_cause(exc, hub.secret)}") from None
+            log.debug("%s %s failed: %s", method, _shown_url(url), _details(exc, hub.secret))
+            failure = explain_error(exc, url, timeout, option, cut=flight.timed_out)
+            raise _failed(what, url, failure, flight.retried) from None
         if reason := hub.gate.why_closed():
             raise flight.abandoned(reason)  # an answer after the deadline is not used
     return response
@@ -1035,14 +1377,9 @@ def _message(response: requests.Response, secret: str) -> str:
     return redact(str(message), secret)[:200] if message else redact(response.reason or "", secret)
 
 
-def _cause(exc: BaseException, secret: str) -> str:
-    # requests nests urllib3's reason several levels deep; the innermost is the useful one.
-    while exc.args and isinstance(exc.args[0], BaseException):
-        exc = exc.args[0]
-    reason = getattr(exc, "reason", None)
-    if isinstance(reason, BaseException):
-        exc = reason
-    return redact(f"{type(exc).__name__}: {exc}", secret)[:300]
+def _details(exc: BaseException, secret: str) -> str:
+    """Each exception `exc` wraps, by class: for DEBUG lines."""
+    return redact(" <- ".join(f"{type(e).__name__}: {e}" for e in _chain(exc)), secret)[:1000]
 
 
 # ---------------------------------------------------------------------------
@@ -1105,6 +1442,7 @@ class Report:
     errors: list[str] = field(default_factory=list)
     warnings_sent: int = 0
     fatal: str | None = None  # the Hub could not be used at all
+    fatal_fields: dict = field(default_factory=dict)  # why, for JSON logs (HubError.fields)
     incomplete: str | None = None  # stopped early by --max-runtime or a signal
     duration: float = 0.0
     kept: list[dict] | None = None  # only when asked for: one entry per server or user kept
@@ -1517,13 +1855,14 @@ def run_pass(
             identity = check.result()
         except Abandoned as exc:
             report.errors.append(str(exc))  # cut short, not a Hub that cannot be used
-        except HubError as exc:
-            report.fatal = _failed_check(check) or str(exc)
-        except GroupsHidden as exc:
-            report.fatal = _failed_check(check) or (
-                f"the Hub does not show the groups of user {exc}: group exclusions and rules "
-                "need the read:users:groups scope"
-            )
+        except (HubError, GroupsHidden) as exc:
+            if isinstance(exc, GroupsHidden):
+                exc = HubError(
+                    f"the Hub does not show the groups of user {exc}: group exclusions and "
+                    "rules need the read:users:groups scope"
+                )
+            failed = _failed_check(check) or exc
+            report.fatal, report.fatal_fields = failed.explained(), failed.fields()
         progress.finish()
         if report.servers_hidden:
             log.warning(
@@ -1657,13 +1996,13 @@ def _check_hub(
     return identity
 
 
-def _failed_check(check: Future | None) -> str | None:
+def _failed_check(check: Future | None) -> HubError | None:
     """Why the scope check failed (it explains a failed listing best), once it has ended."""
     try:
         if check is not None:
             check.result()
     except HubError as exc:
-        return str(exc)
+        return exc
     return None
 
 
@@ -1801,10 +2140,13 @@ def _look_inside_all(
                 _what_looks_decide(policy),
             )
             return Inside(error="not sent in a dry run"), None
-        inside, status = _look_inside(looker, policy, user["name"], server, model, now)
+        inside, status, fields = _look_inside(looker, policy, user["name"], server, model, now)
         if inside.error:
             log.warning(
-                "could not look inside %s: %s; the Hub's verdict stands", where, inside.error
+                "could not look inside %s: %s; the Hub's verdict stands",
+                where,
+                inside.error,
+                extra=fields,
             )
         return inside, status
 
@@ -1841,9 +2183,10 @@ def _what_looks_decide(policy: Policy) -> str:
 
 def _look_inside(
     looker: ServerClient, policy: Policy, user: str, server_name: str, server: dict, now: datetime
-) -> tuple[Inside, int | None]:
-    """What one server's own API shows (an Inside with `error` when it cannot be seen), and the
-    HTTP status of the first answer that was not 200 JSON (200 when all were, None if none)."""
+) -> tuple[Inside, int | None, dict]:
+    """What one server's own API shows (an Inside with `error` when it cannot be seen), the
+    HTTP status of the first answer that was not 200 JSON (200 when all were, None if none),
+    and why a request failed (HubError.fields)."""
     what = f"looking inside {user}{_server_suffix(server_name)}"
     url = server.get("url")
     terminals = activity = None
@@ -1862,13 +2205,13 @@ def _look_inside(
                 if activity is None:
                     raise ValueError("its /api/status has no last_activity")
         # The server's own Date: its times are judged by its clock (whole seconds, truncated).
-        return read_inside(kernels, terminals, date or now, activity), 200
+        return read_inside(kernels, terminals, date or now, activity), 200, {}
     except LookFailed as exc:
-        return Inside(error=str(exc)), exc.status
+        return Inside(error=str(exc)), exc.status, exc.fields()
     except HubError as exc:
-        return Inside(error=str(exc)), 0
+        return Inside(error=str(exc)), 0, exc.fields()
     except ValueError as exc:
-        return Inside(error=f"{what}: unreadable answer: {exc}"), 200
+        return Inside(error=f"{what}: unreadable answer: {exc}"), 200, {}
 
 
 def _server_suffix(server: str | None) -> str:
@@ -2130,6 +2473,9 @@ def _previous_metric(path: str, name: str) -> float:
 
 
 JSON_LOG_FIELDS = ("user", "server", "reason", "idle_s", "age_s", "inside")
+# Lines about a failed request add why (HubError.fields), and retry lines the retry.
+FAILURE_LOG_FIELDS = ("cause", "url", "status", "hint")
+RETRY_LOG_FIELDS = ("attempt", "retries", "delay_s", "retry_after_s")
 
 
 class _Formatter(logging.Formatter):
@@ -2151,7 +2497,7 @@ class _Formatter(logging.Formatter):
             }
             if outcome := getattr(record, "outcome", None):
                 entry.update(outcome.as_dict())  # built here: text logs never pay for it
-            for key in (*JSON_LOG_FIELDS, "summary"):
+            for key in (*JSON_LOG_FIELDS, "summary", *FAILURE_LOG_FIELDS, *RETRY_LOG_FIELDS):
                 if hasattr(record, key):
                     entry[key] = getattr(record, key)
             if record.exc_info:
@@ -2162,9 +2508,19 @@ class _Formatter(logging.Formatter):
         return redact(text, self.secret)
 
 
+def _urllib3_at_debug(record: logging.LogRecord) -> bool:
+    """urllib3 speaks of its own classes (our retry lines say it in words): its lines are
+    details, shown at DEBUG only."""
+    if record.name.partition(".")[0] != "urllib3":
+        return True
+    record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+    return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
 def _setup_logging(level: str, log_format: str, secret: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter(secret, log_format == "json"))
+    handler.addFilter(_urllib3_at_debug)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -2878,7 +3234,7 @@ def main(ctx, url, api_token_file, timeout, max_age, cull_every, cull_users, use
                 _summary_level(report),
                 "%s",
                 summary_line(report),
-                extra={"event": "summary", "summary": report.summary()},
+                extra={"event": "summary", "summary": report.summary(), **report.fatal_fields},
             )
             if on_terminal:
                 click.echo(result_table(report), err=True)

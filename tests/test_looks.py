@@ -506,10 +506,21 @@ def test_refused_connections_leave_the_hubs_verdict(hub):
     hub.add_user("idle", servers={"": idle_server()})
     hub.add_user("tab", servers={"": active_server()})
     result = run_cull(hub, "--json", f"--server-api-url=http://127.0.0.1:{port}",
-                      "--activity-source=kernels", "--retries=0")  # fmt: skip
+                      "--activity-source=kernels", "--retries=1")  # fmt: skip
     assert result.exit_code == 0, result.stderr
     assert hub.stops == [("idle", "")]
-    assert "Connection refused" in kept(result)[("tab", "")]["inside"]["error"]
+    # The words of a Hub that refuses connections (tests/test_errors.py), as warnings.
+    error = f"looking inside tab default server: connection refused by 127.0.0.1:{port}"
+    assert kept(result)[("tab", "")]["inside"]["error"] == f"{error} (after 1 retry)"
+    lines = [line.partition("] ")[2] for line in result.stderr.splitlines()]
+    assert (
+        f"GET /user/tab/api/kernels: connection refused by 127.0.0.1:{port}; retry 1 of 1 in 0.0s"
+        in lines
+    )
+    assert (
+        f"could not look inside user=tab server=(default): {error} (after 1 retry); the Hub's "
+        "verdict stands"
+    ) in lines
 
 
 @pytest.mark.parametrize(
