@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import traceback
+import urllib.error
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
@@ -536,14 +537,7 @@ class HubError(Exception):
 
     def fields(self) -> dict:
         """The failure as JSON log fields (none when it is not a request's)."""
-        if self.failure is None:
-            return {}
-        return {
-            "cause": self.failure.cause,
-            "url": self.url,
-            "status": self.failure.status,
-            "hint": self.failure.hint,
-        }
+        return {} if self.failure is None else self.failure.fields(self.url)
 
 
 @dataclass(frozen=True)
@@ -556,6 +550,15 @@ class Failure:
     hint: str | None = None
     status: int | None = None  # of the answer, when there was one
 
+    def fields(self, url: str) -> dict:
+        """For JSON log lines (FAILURE_LOG_FIELDS), about a request to `url`."""
+        return {
+            "cause": self.cause,
+            "url": _shown_url(url),
+            "status": self.status,
+            "hint": self.hint,
+        }
+
 
 # OpenSSL's X509_V_ERR_* codes for a certificate that no CA at hand vouches for.
 TLS_UNTRUSTED = frozenset({2, 18, 19, 20, 21, 27})
@@ -565,6 +568,8 @@ TOKEN_HINT = (
     "(README: The token and its scopes)"
 )
 API_HINT = "check that --url is the Hub's API, ending in /hub/api"
+# What each option that names a URL reaches.
+ORIGINS = {"--url": "the Hub", "--server-api-url": "the proxy", "--pushgateway": "the Pushgateway"}
 PROXY_HINT = "a proxy in front of the Hub answered: check that the Hub runs, and the proxy's log"
 
 
@@ -572,10 +577,10 @@ def explain_error(
     error: BaseException, url: str, timeout: float, option: str = "--url", cut: bool = False
 ) -> Failure:
     """Why a request to `url` got no answer, from the first cause an operator can act on in
-    `error` (and all it wraps). `option` names the URL's origin (--url, or --server-api-url
-    for looks inside servers); `cut`: the watchdog ended the attempt at its deadline."""
+    `error` (and all it wraps). `option` names the URL's origin (one of ORIGINS); `cut`: the
+    watchdog ended the attempt at its deadline."""
     host, where = _host_and_port(url)
-    thing = "the Hub" if option == "--url" else "the proxy"
+    thing = ORIGINS[option]
     chain = _chain(error)
 
     def first(*types: type) -> BaseException | None:
@@ -598,7 +603,7 @@ def explain_error(
             f"no connection to {where} within {timeout:g}s",
             f"check {option}'s address, and any firewall between here and {thing}",
         )
-    if cut or first(urllib3.exceptions.ReadTimeoutError, requests.exceptions.ReadTimeout):
+    if cut or first(urllib3.exceptions.ReadTimeoutError, requests.ReadTimeout, TimeoutError):
         hint = (
             "the Hub is slow or stuck: check its load and log, or raise --request-timeout"
             if option == "--url"
@@ -630,6 +635,10 @@ def explain_error(
     closed_hint = f"check {thing}'s log, and any proxy or load balancer between here and it"
     if first(http.client.RemoteDisconnected):
         return Failure("closed", f"{where} closed the connection without answering", closed_hint)
+    if first(http.client.BadStatusLine):  # RemoteDisconnected is one too: first things first
+        return Failure(
+            "not_http", f"{where} does not answer in HTTP", f"check the port in {option}"
+        )
     if first(ConnectionError, http.client.HTTPException, urllib3.exceptions.ProtocolError):
         return Failure(
             "closed", f"the connection to {where} broke before the whole answer", closed_hint
@@ -1009,10 +1018,7 @@ class _CappedRetry(Retry):
             honoured,
             extra={
                 "event": "retry",
-                "cause": failure.cause,
-                "url": _shown_url(flight.url),
-                "status": failure.status,
-                "hint": failure.hint,
+                **failure.fields(flight.url),
                 "attempt": attempt,
                 "retries": retries,
                 "delay_s": round(float(delay), 1),
@@ -1387,6 +1393,7 @@ def _details(exc: BaseException, secret: str) -> str:
 # ---------------------------------------------------------------------------
 
 NOTIFY_TIMEOUT = 30  # seconds one --notify-command may take
+PUSH_TIMEOUT = 10  # seconds for each read (and the connection) of a push to --pushgateway
 # The environment --notify-command gets (and LC_*): what finds programs, the user, the language.
 NOTIFY_ENV = frozenset({"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR"})
 STOP_POLL_INTERVAL = 1.0  # seconds between looks at a server that is stopping
@@ -2448,9 +2455,21 @@ def write_metrics(report: Report, metrics_file: str | None, pushgateway: str | N
             # push_add replaces only these metrics, so a failed pass keeps the last success.
             if report.exit_code != EXIT_OK:
                 registry.unregister(last_success)
-            prom.pushadd_to_gateway(pushgateway, job="idle_cull", registry=registry, timeout=10)
+            prom.pushadd_to_gateway(
+                pushgateway, job="idle_cull", registry=registry, timeout=PUSH_TIMEOUT
+            )
         except Exception as exc:  # whatever answers there (or not): never the end of the loop
-            log.error("cannot push metrics to %s: %s: %s", pushgateway, type(exc).__name__, exc)
+            if isinstance(exc, urllib.error.HTTPError):
+                failure = explain_answer(exc.code, str(exc.reason), option="--pushgateway")
+            else:
+                failure = explain_error(exc, pushgateway, PUSH_TIMEOUT, "--pushgateway")
+            log.debug("pushing metrics failed: %s", _details(exc, ""))
+            log.error(
+                "cannot push metrics to %s: %s",
+                _shown_url(pushgateway),
+                failure.words,
+                extra=failure.fields(pushgateway),
+            )
 
 
 def _previous_metric(path: str, name: str) -> float:

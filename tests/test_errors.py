@@ -433,3 +433,23 @@ def test_urllib3s_own_words_are_debug_details(hub):
 def test_answers_in_words(status, kwargs, expected):
     message = kwargs.pop("message")
     assert explain_answer(status, message, **kwargs) == expected
+
+
+# ---- the Pushgateway -------------------------------------------------------------------------
+
+
+@FORMATS
+def test_a_pushgateway_that_cannot_be_reached(hub, log_format):
+    with socket.socket() as bound:
+        bound.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{bound.getsockname()[1]}"
+        result = run_cull(hub, f"--pushgateway={url}", f"--log-format={log_format}")
+    assert result.exit_code == 0, result.stderr
+    assert hub.stops == [("u", "")]
+    error = [line for line in said(result, log_format) if line["level"] == "error"]
+    words = f"connection refused by {url[7:]}"
+    hint = "check that the Pushgateway runs and that --pushgateway has its address and port"
+    expected = {"level": "error", "message": f"cannot push metrics to {url}: {words}"}
+    if log_format == "json":
+        expected.update(event="log", cause="refused", url=url, status=None, hint=hint)
+    assert error == [expected]

@@ -347,5 +347,6 @@ def test_a_pushgateway_that_answers_garbage_never_ends_the_loop(fake_hub):
         garbage.close()
     assert proc.returncode == 0, err
     assert err.count("cannot push metrics") >= 2
+    assert f"cannot push metrics to {url}: {url[7:]} does not answer in HTTP" in err
     assert "internal error" not in err
     assert TOKEN not in err
