@@ -13,6 +13,7 @@ import contextlib
 import functools
 import http.client
 import importlib
+import io
 import itertools
 import json
 import logging
@@ -24,7 +25,9 @@ import shlex
 import signal
 import socket
 import ssl
+import stat
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -2340,7 +2343,7 @@ def _notify(
 
 def _read_warned(path: str | None) -> set[tuple[str, str]]:
     try:
-        with open(path, encoding="utf-8") as f:
+        with _open_own(path) as f:
             return {(entry["user"], entry["server"]) for entry in json.load(f)["warned"]}
     except FileNotFoundError:
         return set()
@@ -2351,21 +2354,41 @@ def _read_warned(path: str | None) -> set[tuple[str, str]]:
 
 def _write_warned(path: str | None, warned: set[tuple[str, str]]) -> str | None:
     entries = [{"user": user, "server": server} for user, server in sorted(warned)]
-    return _write_atomically(path, json.dumps({"warned": entries}, indent=1))
+    return _write_atomically(path, json.dumps({"warned": entries}, indent=1), 0o600)
 
 
-def _write_atomically(path: str, text: str) -> str | None:
+def _open_own(path: str) -> io.TextIOWrapper:
+    """A file of the culler's own, for reading: not through a symlink, and one that no other
+    user could have written (else OSError), so that nobody else steers what it says."""
+    # O_NONBLOCK: a FIFO planted there must not hang the pass.
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        os.close(fd)
+        raise OSError("not a file of this user's that only it can write")
+    return open(fd, encoding="utf-8")
+
+
+def _write_atomically(path: str, text: str, mode: int) -> str | None:
     """Readers (node_exporter, the next pass) see the old file or the new one, never half.
 
-    An error text when the file could not be written (the caller counts it as a failure)."""
-    temporary = f"{path}.{os.getpid()}.tmp"
+    The new file is the culler's own, with `mode` whatever the umask; it is made under a name
+    nobody can guess (a symlink or a file planted at a guessable name in a shared folder would
+    be written through, or stay another user's) and renamed over `path`, which replaces a
+    symlink there instead of following it. An error text when the file could not be written
+    (the caller counts it as a failure)."""
+    folder, name = os.path.split(path)
+    temporary = None
     try:
-        with open(temporary, "w", encoding="utf-8") as f:
+        fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder or ".")
+        with open(fd, "w", encoding="utf-8") as f:
+            os.fchmod(fd, mode)
             f.write(text)
         os.replace(temporary, path)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
+        if temporary:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
         return f"cannot write {path}: {exc.strerror or exc}"
     return None
 
@@ -2446,7 +2469,7 @@ def write_metrics(report: Report, metrics_file: str | None, pushgateway: str | N
     elif metrics_file:
         last_success.set(_previous_metric(metrics_file, last_success._name))
     if metrics_file and (
-        error := _write_atomically(metrics_file, prom.generate_latest(registry).decode())
+        error := _write_atomically(metrics_file, prom.generate_latest(registry).decode(), 0o644)
     ):
         report.errors.append(error)  # pushed below with the figures from before it
         log.error("%s", error)
@@ -2476,7 +2499,7 @@ def _previous_metric(path: str, name: str) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
-        with open(path, encoding="utf-8") as f:
+        with _open_own(path) as f:
             for family in text_string_to_metric_families(f.read()):
                 for sample in family.samples:
                     if sample.name == name:
@@ -2495,6 +2518,16 @@ JSON_LOG_FIELDS = ("user", "server", "reason", "idle_s", "age_s", "inside")
 # Lines about a failed request add why (HubError.fields), and retry lines the retry.
 FAILURE_LOG_FIELDS = ("cause", "url", "status", "hint")
 RETRY_LOG_FIELDS = ("attempt", "retries", "delay_s", "retry_after_s")
+# What could end a line or drive a terminal: C0 controls, DEL, C1 controls (U+0085 ends a line
+# for some readers, U+009B starts an escape sequence), and the Unicode line and paragraph
+# separators.
+CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """`text` with control characters written as escapes (\\n, \\x1b, \\u2028): a name from the
+    Hub or a line from a command cannot forge a log line of its own or rewrite the terminal."""
+    return CONTROLS.sub(lambda match: match[0].encode("unicode_escape").decode(), text)
 
 
 class _Formatter(logging.Formatter):
@@ -2521,9 +2554,13 @@ class _Formatter(logging.Formatter):
                     entry[key] = getattr(record, key)
             if record.exc_info:
                 entry["traceback"] = self.formatException(record.exc_info)
-            text = json.dumps(entry)
+            text = json.dumps(entry)  # ASCII only: every control character escaped, DEL too
         else:
-            text = super().format(record)
+            # One event, one line; a traceback (--log-level=debug) follows on lines of its own.
+            message = one_line(record.getMessage())
+            text = super().format(
+                logging.makeLogRecord({**vars(record), "msg": message, "args": None})
+            )
         return redact(text, self.secret)
 
 
@@ -2595,6 +2632,8 @@ class _Command(click.Command):
     def main(self, args=None, prog_name=None, **extra):
         # Test runners pass `args`, and keep their process (see the end).
         from_command_line = args is None
+        if from_command_line:
+            _forget_working_directory()
         try:
             args = normalize_argv(list(sys.argv[1:] if args is None else args))
             extra.pop("standalone_mode", None)
@@ -2602,8 +2641,8 @@ class _Command(click.Command):
         except click.exceptions.Abort:
             code = 130
         except click.ClickException as exc:
-            click.echo(f"idle-cull: error: {exc.format_message()}", err=True)
-            code = EXIT_USAGE
+            click.echo(f"idle-cull: error: {one_line(exc.format_message())}", err=True)
+            code = exc.exit_code  # 2 for usage and settings, 1 for a lock file not ours
         except Exception as exc:  # a bug: still one line in the cron mail, the traceback on demand
             debug = log.isEnabledFor(logging.DEBUG)
             log.critical(
@@ -2625,6 +2664,15 @@ class _Command(click.Command):
             sys.stderr.flush()
             os._exit(code or 0)
         sys.exit(code or 0)
+
+
+def _forget_working_directory() -> None:
+    """`python -m idle_cull` without -P puts the working directory first on sys.path, where
+    another user may plant a module that would run as the culler at a later import (some are
+    imported only when needed): it is taken off. -P keeps it off from the start (README)."""
+    with contextlib.suppress(OSError):  # a working directory that is gone
+        if not sys.flags.safe_path and sys.path and sys.path[0] in ("", os.getcwd()):
+            del sys.path[0]
 
 
 CONFIG_FILE = "idle_culler_config.py"  # upstream's default, read from the working directory
@@ -2651,11 +2699,96 @@ def _load_config(ctx: click.Context, _param, path: str | None) -> str | None:
     return path
 
 
+SYMLINK_HOPS = 40  # as many as Linux follows in one path
+
+
+def _open_trusted(path: str) -> tuple[io.BufferedReader, str | None]:
+    """A settings file opened for reading, once no user but this one and root can have chosen
+    what it holds (as cron and ssh's StrictModes check theirs); click.BadParameter naming the
+    file and the reason otherwise. Also the folder it is in, when nobody else can write there.
+
+    Its checks are those of the file opened, not of a name that may change after them.
+    """
+    try:
+        # O_NONBLOCK: a FIFO planted there must not hang the culler; it is refused below.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:  # a NUL in the name
+        raise click.BadParameter(f"cannot read {path!r}: {exc}") from None
+    f = open(fd, "rb")
+    try:
+        why, folder = _why_untrusted(path, os.fstat(fd))
+    except OSError as exc:
+        why, folder = f"cannot check it: {exc.strerror}", None
+    if why:
+        f.close()
+        raise click.BadParameter(f"{path} is refused: {why}")
+    return f, folder
+
+
+def _why_untrusted(path: str, opened: os.stat_result) -> tuple[str | None, str | None]:
+    """Why another user could have chosen what the file opened as `path` holds (None: nobody
+    could), and its folder when only this user or root can write there.
+
+    The file must be regular, owned by this user (effective uid) or root and writable by no
+    one else; so must every name on the way to it, from / and through each symlink, be owned by
+    one of them, and every folder looked in be writable by no one else or sticky (/tmp: others
+    may add names there, but not rename or replace ours). A group-writable folder counts as
+    writable by others, as ssh counts it: the group may hold other users.
+    """
+    owners = {0, os.geteuid()}
+
+    def not_ours(st: os.stat_result, what: str) -> str | None:
+        if st.st_uid in owners:
+            return None
+        return f"{what} is owned by uid {st.st_uid}, not this user (uid {os.geteuid()}) or root"
+
+    if not stat.S_ISREG(opened.st_mode):
+        return "not a regular file", None
+    if why := not_ours(opened, "it"):
+        return why, None
+    if opened.st_mode & 0o022:
+        return f"it is writable by group or others (mode {stat.S_IMODE(opened.st_mode):04o})", None
+    # The kernel's own walk, name by name; ".." is the parent of where a symlink led.
+    names, where, hops, entry = os.path.join(os.getcwd(), path).split("/")[::-1], "/", 0, None
+    while names:
+        name = names.pop()
+        if name in ("", "."):
+            continue
+        if name == "..":
+            where = os.path.dirname(where)
+            continue
+        folder = os.stat(where)
+        if why := not_ours(folder, f"the folder {where}"):
+            return why, None
+        if folder.st_mode & 0o022 and not folder.st_mode & stat.S_ISVTX:
+            mode = stat.S_IMODE(folder.st_mode)
+            return f"the folder {where} is writable by group or others (mode {mode:04o})", None
+        where = os.path.join(where, name)
+        entry = os.lstat(where)
+        if why := not_ours(entry, where):
+            return why, None
+        if stat.S_ISLNK(entry.st_mode):
+            hops += 1
+            if hops > SYMLINK_HOPS:
+                return "too many symlinks on the way", None
+            target = os.readlink(where)
+            where = "/" if target.startswith("/") else os.path.dirname(where)
+            names.extend(target.split("/")[::-1])
+    if entry is None or (entry.st_dev, entry.st_ino) != (opened.st_dev, opened.st_ino):
+        return "it changed while it was being checked", None
+    folder = os.path.dirname(where)
+    private = not os.stat(folder).st_mode & 0o022  # its owner is checked above
+    return None, folder if private else None
+
+
 def _read_toml_config(ctx: click.Context, path: str) -> dict:
     import tomllib
 
+    f, _ = _open_trusted(path)
     try:
-        with open(path, "rb") as f:
+        with f:
             data = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise click.BadParameter(f"cannot read {path}: {exc}") from None
@@ -2749,14 +2882,17 @@ def _read_python_config(ctx: click.Context, path: str) -> dict:
     """Run upstream's Python config file as traitlets does; the settings it makes."""
     config = _UpstreamConfig()
     namespace = {"c": config, "get_config": lambda: config, "__file__": os.path.abspath(path)}
+    f, folder = _open_trusted(path)
     try:
-        with open(path, "rb") as f:
+        with f:
             source = f.read()
     except OSError as exc:
         raise click.BadParameter(f"cannot read {path}: {exc.strerror}") from None
-    # As `python -m jupyterhub_idle_culler` would, so that a hook can be imported from there.
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    # Upstream's `python -m` found a hook's module in the working directory, wherever that was.
+    # Here: in the file's own folder, if nobody else can put a module there; last, so that
+    # nothing in it hides a module of Python's or of idle-cull's.
+    if folder is not None and folder not in sys.path:
+        sys.path.append(folder)
     try:
         exec(compile(source, path, "exec"), namespace)
     except (Exception, SystemExit) as exc:  # the operator's code: one line, no traceback
@@ -2860,9 +2996,7 @@ def _load_arbiter(_ctx, _param, value: str | None):
     module_name, _, function_name = value.partition(":")
     if not module_name or not function_name:
         raise click.BadParameter(f"{value!r} is not MODULE:FUNCTION")
-    # Like `python -m`, look in the working directory too.
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    # Never from the working directory (see _forget_working_directory): from sys.path.
     try:
         function = getattr(importlib.import_module(module_name), function_name)
     except Exception as exc:
@@ -2872,11 +3006,13 @@ def _load_arbiter(_ctx, _param, value: str | None):
     return function
 
 
-def _read_token(token_file: str | None) -> str:
+def _read_token(token_file: str | None) -> tuple[str, str | None]:
+    """The token, and a warning to log when its file is readable by other users."""
     # Errors name the file, never a byte of it: it could hold a token or two.
     if token_file:
         try:
             with open(token_file, encoding="utf-8") as f:
+                mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
                 lines = [line.strip() for line in f.read().splitlines() if line.strip()]
         except OSError as exc:
             raise click.UsageError(f"cannot read the API token file: {exc.strerror}") from None
@@ -2889,11 +3025,18 @@ def _read_token(token_file: str | None) -> str:
             raise click.UsageError(
                 f"the API token file {token_file} has {len(lines)} lines: it must hold one token"
             )
-        return lines[0]
+        # Warned, not refused: Kubernetes mounts a Secret 0644 unless told otherwise.
+        warning = None
+        if mode & 0o004:
+            warning = (
+                f"the API token file {token_file} is readable by every user (mode {mode:04o}): "
+                "make it 0600 (or 0440 for a group)"
+            )
+        return lines[0], warning
     token = os.environ.get("JUPYTERHUB_API_TOKEN", "").strip()
     if not token:
         raise click.UsageError("no API token: set JUPYTERHUB_API_TOKEN or --api-token-file")
-    return token
+    return token, None
 
 
 def _tls(ssl_enabled: bool, certs: str, ca_bundle: str | None, insecure: bool):
@@ -2935,23 +3078,46 @@ def _stop_on_signals(stop: threading.Event):
 
 @contextlib.contextmanager
 def _exclusive(lock_file: str | None):
-    """Yields False when another pass holds the lock."""
+    """Yields False when another pass holds the lock.
+
+    Only this user can hold it: the file is its own and 0600 (created so), opened without
+    following a symlink. Another user's file, or one that others could open (and lock) is an
+    error, never a silent "another pass holds it".
+    """
     if not lock_file:
         yield True
         return
     import fcntl  # only with --lock-file
 
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        handle = open(lock_file, "a")
+        fd = os.open(lock_file, flags, 0o600)
     except OSError as exc:
+        # Refused (another user's file, a symlink): say why; else a path that cannot be used.
+        with contextlib.suppress(OSError):
+            _check_lock_file(lock_file, os.lstat(lock_file))
         raise click.UsageError(f"cannot open the lock file {lock_file}: {exc.strerror}") from None
-    with handle:
+    with open(fd, "rb") as handle:
+        _check_lock_file(lock_file, os.fstat(fd))
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             yield False
             return
         yield True
+
+
+def _check_lock_file(path: str, st: os.stat_result) -> None:
+    why = None
+    if not stat.S_ISREG(st.st_mode):
+        why = "is not a regular file"
+    elif st.st_uid != os.geteuid():
+        why = f"is owned by uid {st.st_uid}, not this user (uid {os.geteuid()})"
+    elif st.st_mode & 0o066:
+        # Anyone who could open it could hold its lock, and then every pass would do nothing.
+        why = f"can be opened by other users (mode {stat.S_IMODE(st.st_mode):04o}): remove it"
+    if why:
+        raise click.ClickException(f"the lock file {path} {why}; nothing done")
 
 
 class Duration(click.ParamType):
@@ -3196,7 +3362,7 @@ def main(ctx, url, api_token_file, timeout, max_age, cull_every, cull_users, use
     One pass, then exit: 0 all done, 1 some action failed, 2 bad usage, 3 Hub unusable.
     Durations are seconds (3600) or with units, largest first: 90m, 1h, 8h30m, 30d.
     """
-    token = _read_token(api_token_file)
+    token, token_warning = _read_token(api_token_file)
     verify, cert = _tls(ssl_enabled, internal_certs_location, ca_bundle, insecure)
     _check_outputs(metrics_file, pushgateway, warn_before, notify_command, state_file)
     if (keep_busy_kernels or activity_source == "kernels") and not server_api_url:
@@ -3204,6 +3370,8 @@ def main(ctx, url, api_token_file, timeout, max_age, cull_every, cull_users, use
             "--keep-busy-kernels and --activity-source=kernels need --server-api-url"
         )
     _setup_logging(log_level, log_format, token)
+    if token_warning:
+        log.warning("%s", token_warning)
     if clock == "local":
         # Our clock alone culls early when it is fast: "now" is the earlier of the two clocks.
         log.warning("--clock local no longer changes anything: the earlier clock is used")

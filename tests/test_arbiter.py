@@ -17,8 +17,9 @@ _modules = itertools.count()
 
 @pytest.fixture
 def arbiter(tmp_path, monkeypatch):
-    """Write an arbiter module into the working directory; returns its --arbiter option."""
-    monkeypatch.chdir(tmp_path)
+    """Write an arbiter module into a folder on sys.path (as PYTHONPATH puts it there); returns
+    its --arbiter option."""
+    monkeypatch.syspath_prepend(str(tmp_path))
 
     def write(source: str) -> str:
         name = f"arbiter_{next(_modules)}"  # a fresh name: the test process keeps modules

@@ -654,7 +654,8 @@ def test_loop_mode_culls_on_every_pass_and_stops_cleanly_on_sigterm(fake_hub, ar
 def test_a_held_lock_skips_the_pass(fake_hub, tmp_path):
     fake_hub.add_user("u", servers={"": idle_server()})
     lock = tmp_path / "idle-cull.lock"
-    with open(lock, "w") as held:
+    # Another pass's lock: this user's own file, 0600, as idle-cull makes it.
+    with open(os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)) as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         result = run_cull(fake_hub, f"--lock-file={lock}")
     assert result.exit_code == 0

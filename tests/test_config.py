@@ -88,12 +88,15 @@ def test_an_async_hook_is_awaited_like_an_async_arbiter(fake_hub, tmp_path):
     assert fake_hub.stops == []
 
 
-def test_a_hook_imported_from_the_working_directory(fake_hub, captured, tmp_path, monkeypatch):
+def test_a_hook_imported_from_the_config_files_folder(fake_hub, captured, tmp_path, monkeypatch):
+    """As upstream's, run in its working directory: the file's own folder (0755, root's) is
+    where its imports and --arbiter look too (tests/test_local_files.py: only such a folder)."""
     write(tmp_path / "config_test_hook.py", "def decide(**kw):\n    return False\n")
     write(tmp_path / "idle_culler_config.py", "from config_test_hook import decide\n"
           "c.IdleCuller.cull_arbiter_hook = decide\n")  # fmt: skip
     monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the folder is added to it
+    assert str(tmp_path) not in sys.path
     assert run_cull(fake_hub).exit_code == 0
     assert captured["policy"].arbiter.__module__ == "config_test_hook"
     # --arbiter on the command line wins over the file's hook.

@@ -135,7 +135,7 @@ def test_the_arbiter_decides_last_with_the_rule_limit(hub_factory, tmp_path, mon
     (tmp_path / "my_arbiter.py").write_text(
         "def decide(inactive, inactive_limit, server):\n    return inactive_limit == 300\n"
     )
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))  # as PYTHONPATH would
     hub = hub_factory()
     hub.add_user("gpu", servers={"": active_server(user_options={"profile": "gpu"})})
     hub.add_user("cpu", servers={"": idle_server(user_options={"profile": "cpu"})})
