@@ -3330,7 +3330,8 @@ def _check_outputs(metrics_file, pushgateway, warn_before, notify_command, state
               help="Idle time from the Hub's last_activity, or from inside the server: its "
                    "kernels and terminals (browser tabs and pings do not count).")
 @click.option("--lock-file", type=click.Path(dir_okay=False),
-              help="Skip the pass (exit 0) when another pass holds this lock.")
+              help="Skip the pass (exit 0) when another pass holds this lock: a file of this "
+                   "user's own, made 0600 (another user's is an error, exit 1).")
 @click.option("--max-runtime", type=SECONDS, default=0, show_default=True,
               help="End the pass after this many seconds: nothing new starts, what is in "
                    "flight is abandoned, the report is printed; exit 1 (0: no limit).")

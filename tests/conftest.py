@@ -19,6 +19,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # idle_cull.py, even without the editable install
 TOKEN = "test-token-s3cr3t"
+# The culler refuses settings files that group or others may write; the tests write theirs
+# with the umask, which is 0002 on some machines (and then they would be refused).
+os.umask(0o022)
 
 
 def readme_block(language: str, after: str) -> str:

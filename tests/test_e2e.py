@@ -451,7 +451,7 @@ def test_loop_mode_ends_cleanly_on_sigterm(hub):
     [
         [sys.executable, CULLER, "--timeout=2", "--cull-every=2"],
         # The README's service entry: started by the Hub, it loops every timeout/2 by itself.
-        [sys.executable, "-m", "idle_cull", "--timeout=2"],
+        [sys.executable, "-P", "-m", "idle_cull", "--timeout=2"],
     ],
     ids=["script", "module"],
 )

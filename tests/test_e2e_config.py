@@ -25,8 +25,9 @@ c.IdleCuller.cull_arbiter_hook = keep_gpu
 def test_a_managed_service_reads_idle_culler_config_py_in_its_working_directory(tmp_path):
     config = tmp_path / "idle_culler_config.py"
     config.write_text(CONFIG)
-    # Upstream's service entry with the module's name changed, no flags: the file decides.
-    with RealHub(tmp_path, managed_culler=[sys.executable, "-m", "idle_cull"]) as hub:
+    # Upstream's service entry with the module's name changed and -P (README), no flags: the
+    # file decides.
+    with RealHub(tmp_path, managed_culler=[sys.executable, "-P", "-m", "idle_cull"]) as hub:
         hub.create_users("idle", "active")
         for user in ("idle", "active"):
             hub.start_server(user)

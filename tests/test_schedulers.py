@@ -19,9 +19,11 @@ import re
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 import tomllib
 from pathlib import Path
@@ -238,7 +240,20 @@ def test_systemd_exec_start_culls_with_env_file_and_credential(hub, tmp_path):
     credentials = tmp_path / "credentials"
     credentials.mkdir()
     (credentials / name).write_text(TOKEN + "\n")
-    env = {**BARE_ENV, **read_env_file(SYSTEMD / "idle-cull.env.example")}
+    # The unit's own folders, as systemd makes them for the service's user: /run/idle-cull
+    # (%t/idle-cull) and /var/lib/idle-cull (%S/idle-cull), moved under tmp_path.
+    roots = {"%t": tmp_path / "run", "%S": tmp_path / "state"}
+    for (setting, mode), root in zip(
+        [("RuntimeDirectory", "RuntimeDirectoryMode"), ("StateDirectory", "StateDirectoryMode")],
+        roots.values(),
+        strict=True,
+    ):
+        (root / SERVICE[setting][0]).mkdir(parents=True, mode=int(SERVICE[mode][0], 8))
+    env = {
+        **BARE_ENV,
+        **unit_environment(roots),
+        **read_env_file(SYSTEMD / "idle-cull.env.example"),
+    }
     assert set(env) - set(BARE_ENV) <= SETTINGS, "a variable idle-cull does not read"
     env["IDLE_CULL_URL"] = hub.url  # the only setting that differs here
     env["CREDENTIALS_DIRECTORY"] = str(credentials)
@@ -250,12 +265,34 @@ def test_systemd_exec_start_culls_with_env_file_and_credential(hub, tmp_path):
     done = run(argv, env)
     assert done.returncode == 0, done.stderr
     assert hub.stops == [("idle", "")]
+    lock = Path(env["IDLE_CULL_LOCK_FILE"])
+    assert (lock.stat().st_uid, stat.S_IMODE(lock.stat().st_mode)) == (os.geteuid(), 0o600)
+
+
+def unit_environment(roots: dict[str, Path]) -> dict[str, str]:
+    """The unit's Environment= settings, with systemd's %t and %S moved to `roots`."""
+    env = dict(line.split("=", 1) for line in SERVICE["Environment"])
+    for specifier, root in roots.items():
+        env = {key: value.replace(specifier, str(root)) for key, value in env.items()}
+    return env
+
+
+def test_systemd_keeps_lock_and_state_in_the_services_own_folders():
+    """Folders that systemd makes for the service's user alone: nobody else can hold the lock
+    or plant a file where the culler writes (/run/lock, 1777, would let anyone)."""
+    env = unit_environment({})
+    assert env == {
+        "IDLE_CULL_LOCK_FILE": f"%t/{SERVICE['RuntimeDirectory'][0]}/idle-cull.lock",
+        "IDLE_CULL_STATE_FILE": f"%S/{SERVICE['StateDirectory'][0]}/warned.json",
+    }
+    assert SERVICE["RuntimeDirectoryMode"] == SERVICE["StateDirectoryMode"] == ["0700"]
+    assert not set(env) & set(read_env_file(SYSTEMD / "idle-cull.env.example"))
 
 
 # systemd itself runs the shipped service: it boots as PID 1 of new pid/mount/uts/ipc/cgroup
 # namespaces (the network is shared, so the fake Hub on 127.0.0.1 is reachable) on a target that
-# wants only journald and idle-cull.service. /etc, /run, /opt and the journal are private to
-# those namespaces. The unit files are the shipped ones plus one drop-in: no default
+# wants only journald and idle-cull.service. /etc, /run, /opt, /var/lib and the journal are
+# private to those namespaces. The unit files are the shipped ones plus one drop-in: no default
 # dependencies, so that nothing of sysinit.target (sysctl, udev, ...) starts. What stays behind
 # on the machine: empty cgroups of the unmounted cgroup2 tree (reused by the next run), and
 # systemd raising fs.file-max to its maximum as it does on every boot.
@@ -265,6 +302,7 @@ mount -t tmpfs tmpfs /run
 mount -t overlay overlay -o "lowerdir=/etc,upperdir=$HARNESS/etc,workdir=$HARNESS/etc-work" /etc
 mount -t tmpfs tmpfs /opt
 [ ! -d /var/log/journal ] || mount -t tmpfs tmpfs /var/log/journal
+mount -t tmpfs tmpfs /var/lib
 mount -t tmpfs tmpfs /sys/fs/cgroup
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 # What `python3 -m venv /opt/idle-cull/venv; pip install .` makes, without the network: the
@@ -400,6 +438,9 @@ def test_systemd_runs_the_hardened_service(boot_systemd, hub):
     assert hub.stops == [("idle", "")]
     journal = systemd.journal()
     assert "stop user=idle" in journal and "summary:" in journal
+    # The pass took its lock in /run/idle-cull; the state folder stays, the service's own.
+    state = systemd.run("stat", "-c", "%a %U", "/var/lib/private/idle-cull").stdout.split()
+    assert state[0] == "700" and state[1] not in ("root", "0"), state
 
 
 def test_systemd_marks_a_failed_pass_failed(boot_systemd, hub):
@@ -443,40 +484,57 @@ def cron_job() -> tuple[dict[str, str], str]:
     return env, commands[0]
 
 
+# What the README's cron steps make /var/lib/idle-cull: idle-cull's own folder, for its lock.
+STATE_FOLDER = re.search(
+    r"install -d -m (0\d+) -o idle-cull /var/lib/idle-cull\s", (REPO / "README.md").read_text()
+)
+
+
 @pytest.fixture
-def cron(tmp_path, hub):
-    """The crontab's command with its absolute paths moved under tmp_path, by this table:
-    the installed binary -> this venv's idle-cull; /etc/idle-cull/, /run/lock/ and
-    /var/log/idle-cull/ -> tmp_path/etc/, lock/, log/."""
-    require_tools("flock", check="cron line", install="Debian's util-linux; `make test-tools`")
+def cron(hub):
+    """The crontab's command with its absolute paths moved into a temporary folder that every
+    user may reach (as / is), by this table: the installed binary -> this venv's idle-cull;
+    /etc/idle-cull/, /var/lib/idle-cull/, /var/log/idle-cull/ and /run/lock/ -> etc/, state/
+    (made as the README's steps make it), log/ and lock/ (1777, as on Debian)."""
+    base = Path(tempfile.mkdtemp(prefix="idle-cull-cron-", dir="/tmp"))
+    base.chmod(0o755)
     paths = {
         INSTALLED: str(IDLE_CULL),
-        "/etc/idle-cull/": f"{tmp_path}/etc/",
-        "/run/lock/": f"{tmp_path}/lock/",
-        "/var/log/idle-cull/": f"{tmp_path}/log/",
+        "/etc/idle-cull/": f"{base}/etc/",
+        "/var/lib/idle-cull/": f"{base}/state/",
+        "/var/log/idle-cull/": f"{base}/log/",
+        "/run/lock/": f"{base}/lock/",
     }
-    for folder in ("etc", "lock", "log"):
-        (tmp_path / folder).mkdir()
-    shutil.copy(CRON / "idle-cull.toml", tmp_path / "etc/idle-cull.toml")
-    (tmp_path / "etc/token").write_text(TOKEN + "\n")
+    assert STATE_FOLDER, "the README's cron steps make no /var/lib/idle-cull"
+    for folder, mode in [("etc", 0o755), ("state", int(STATE_FOLDER[1], 8)), ("log", 0o750),
+                         ("lock", 0o1777)]:  # fmt: skip
+        (base / folder).mkdir()
+        (base / folder).chmod(mode)
+    shutil.copy(CRON / "idle-cull.toml", base / "etc/idle-cull.toml")
+    (base / "etc/idle-cull.toml").chmod(0o644)  # as the README installs it, whatever the checkout
+    (base / "etc/token").write_text(TOKEN + "\n")
+    (base / "etc/token").chmod(0o600)
 
     variables, command = cron_job()
     for old, new in paths.items():
         command = command.replace(old, new)
     assert not re.search(r"(?<![\w.-])/(etc|run|var|opt)/", command), command
     env = {"PATH": variables["PATH"], "IDLE_CULL_URL": hub.url}
+    # The lock the line takes: idle-cull's own, or flock(1)'s around it.
+    (lock,) = re.findall(r"(?:--lock-file[= ]|flock -n -E 0 )(\S+)", command)
 
     class Cron:
-        log = tmp_path / "log/idle-cull.log"
-        lock = tmp_path / "lock/idle-cull.lock"
-        token = tmp_path / "etc/token"
+        log = base / "log/idle-cull.log"
+        token = base / "etc/token"
 
         @staticmethod
         def run() -> subprocess.CompletedProcess:
             # What cron mails is whatever the command prints.
             return run([variables["SHELL"], "-c", command], env)
 
-    return Cron
+    Cron.lock = Path(lock)
+    yield Cron
+    shutil.rmtree(base)
 
 
 def test_cron_line_culls_and_mails_nothing(cron, hub):
@@ -485,17 +543,44 @@ def test_cron_line_culls_and_mails_nothing(cron, hub):
     assert hub.stops == [("idle", "")]
     log = cron.log.read_text()
     assert "stop user=idle" in log and "summary:" in log
+    st = cron.lock.stat()
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (os.geteuid(), 0o600)
 
 
 def test_cron_line_skips_while_a_pass_holds_the_lock(cron, hub):
-    with open(cron.lock, "a") as held:
+    # Another pass's lock: idle-cull's own file, 0600, as it makes it.
+    with open(os.open(cron.lock, os.O_RDWR | os.O_CREAT, 0o600)) as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         done = cron.run()
         assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
         assert hub.requests == []
-        assert cron.log.read_text() == ""  # the shell made the file; nobody wrote to it
+        assert "another pass holds" in cron.log.read_text()
     # Released: the same line does the pass, so the lock was what stopped it.
     assert cron.run().returncode == 0
+    assert hub.stops == [("idle", "")]
+
+
+def test_cron_line_lock_cannot_be_squatted_by_another_user(cron, hub):
+    """Another user tries to hold the line's lock first (in /run/lock, 1777, anyone could;
+    every pass would then exit 0 having done nothing): it cannot, and the pass culls."""
+    if os.geteuid() != 0:
+        cannot_run("cron lock squatting: needs root, to run flock as another user")
+    require_tools(
+        "flock", check="cron lock squatting", install="Debian's util-linux; `make test-tools`"
+    )
+    squatter = subprocess.Popen(
+        ["flock", "-n", str(cron.lock), "sh", "-c", "echo held; exec sleep 60"],
+        user=65534, group=65534, extra_groups=[], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        held = squatter.stdout.readline() == "held\n"
+        done = cron.run()
+    finally:
+        squatter.kill()
+        _, squatter_said = squatter.communicate()
+    assert not held and "Permission denied" in squatter_said
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
     assert hub.stops == [("idle", "")]
 
 
@@ -523,10 +608,10 @@ def path_without(tmp_path: Path, *tools: str) -> str:
 @pytest.mark.parametrize("in_ci", [False, True])
 def test_a_missing_tool_skips_its_checks_with_its_name_or_fails_ci(tmp_path, in_ci):
     env = {k: v for k, v in os.environ.items() if k not in ("CI", "IDLE_CULL_REQUIRE_ALL")}
-    env["PATH"] = path_without(tmp_path, "flock")
+    env["PATH"] = path_without(tmp_path, "systemd-analyze")
     if in_ci:
         env["IDLE_CULL_REQUIRE_ALL"] = "1"
-    test = f"{__file__}::test_cron_line_culls_and_mails_nothing"
+    test = f"{__file__}::test_systemd_units_verify_clean"
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
         env=env,
@@ -535,7 +620,7 @@ def test_a_missing_tool_skips_its_checks_with_its_name_or_fails_ci(tmp_path, in_
         text=True,
         timeout=120,
     )
-    reason = "cron line: flock not found (Debian's util-linux; `make test-tools`)"
+    reason = "systemd unit checks: systemd-analyze not found (Debian's systemd; `make test-tools`)"
     if in_ci:
         assert done.returncode == 1, done.stdout
         assert f"{reason} (in CI every check must run)" in done.stdout
