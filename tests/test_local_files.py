@@ -91,25 +91,15 @@ def config_text(kind: str, marker: Path) -> str:
     return f"open({str(marker)!r}, 'w').write('ran')\nc.IdleCuller.timeout = 1\n"
 
 
-def mode_0666(folder, name, text):
-    path = folder / name
-    path.write_text(text)
-    path.chmod(0o666)
-    return path, "writable by group or others (mode 0666)"
+def with_mode(mode: int):
+    def case(folder, name, text):
+        path = folder / name
+        path.write_text(text)
+        path.chmod(mode)
+        return path, f"writable by group or others (mode {mode:04o})"
 
-
-def mode_0664(folder, name, text):
-    path = folder / name
-    path.write_text(text)
-    path.chmod(0o664)
-    return path, "writable by group or others (mode 0664)"
-
-
-def mode_0646(folder, name, text):
-    path = folder / name
-    path.write_text(text)
-    path.chmod(0o646)
-    return path, "writable by group or others (mode 0646)"
+    case.__name__ = f"mode_{mode:04o}"  # the test's id
+    return case
 
 
 def in_a_0777_folder(folder, name, text):
@@ -132,7 +122,7 @@ def through_a_symlink_into_a_0777_folder(folder, name, text):
     return folder / name, f"the folder {folder / 'open'} is writable by group or others"
 
 
-CASES = [mode_0666, mode_0664, mode_0646, in_a_0777_folder, in_a_0775_folder,
+CASES = [with_mode(0o666), with_mode(0o664), with_mode(0o646), in_a_0777_folder, in_a_0775_folder,
          through_a_symlink_into_a_0777_folder]  # fmt: skip
 
 
@@ -186,7 +176,7 @@ def test_a_settings_file_another_user_could_choose_is_refused(hub, shared, kind,
 
 def test_idle_culler_config_py_others_can_write_is_refused(hub, tmp_path, monkeypatch):
     marker = tmp_path / "ran"
-    path, why = mode_0666(tmp_path, "idle_culler_config.py", config_text("py", marker))
+    path, why = with_mode(0o666)(tmp_path, "idle_culler_config.py", config_text("py", marker))
     monkeypatch.chdir(tmp_path)
     assert_refused(hub, run_cull(hub), path, why, marker)
 
