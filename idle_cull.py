@@ -65,6 +65,21 @@ RETRY_AFTER_CAP = 30  # seconds; a proxy asking for longer must not hang a cron 
 TICK = 0.2  # seconds: how soon a waiting thread notices a signal or a deadline
 LOOK_TIMEOUT = 10  # seconds, at most, for a server's own API to answer a look
 LOOK_SLICE = 1000  # looks handed to the workers at a time
+# Answers are read up to a cap, counted after decompression (README "Guarantees" says why these):
+# a server's answer to a look holds 1,000 kernel models (~200 bytes) in 256 KiB; a Hub's answer
+# 4,000 user models of 2 KB (a page is 50 by default, at most 200 unless raised) in 8 MiB.
+LOOK_BYTES = 256 * 1024
+LOOK_ITEMS = 1000  # kernels, or terminals, one server's answer may list
+HUB_BYTES = 8 * 1024 * 1024
+# json.loads makes a 64-byte dict of each 3 bytes of [{},{},...]: an answer may hold one `,`,
+# `{` or `[` per 16 bytes (real ones hold one per 20 to 40), plus a few for short answers.
+JSON_BYTES_PER_MARK = 16
+JSON_FREE_MARKS = 1024
+READ_CHUNK = 64 * 1024
+# What we ask for; urllib3's decoders of these honour a read's size (2.7+). Any other encoding
+# (br, zstd: bounded only with recent modules) is refused.
+ACCEPT_ENCODING = "gzip, deflate"
+ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
 PATH_CHARACTERS = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@%/]*")  # of a URL path, quoted
 
 
@@ -185,6 +200,8 @@ def read_inside(
     for what, items in lists.items():
         if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
             raise ValueError(f"the {what} list is not a list of {what}s")
+        if len(items) > LOOK_ITEMS:
+            raise ValueError(f"the {what} list has {len(items)} {what}s, more than {LOOK_ITEMS}")
         for item in items:
             silent = seconds_since(item.get("last_activity"), now)
             if silent is None:
@@ -1079,6 +1096,7 @@ class HubClient:
         self.session.auth = _TokenAuth(token)
         self.secret = token
         self.session.headers["User-Agent"] = f"idle-cull/{__version__}"
+        self.session.headers["Accept-Encoding"] = ACCEPT_ENCODING
         # The environment (proxies, REQUESTS_CA_BUNDLE) is read once here, not on every request
         # (a tenth of the CPU of a large pass), and ~/.netrc can never replace the token.
         self.session.trust_env = False
@@ -1113,11 +1131,11 @@ class HubClient:
         if not 200 <= response.status_code < 300:
             raise _answer_failed(response, what, self.secret)
         try:
-            return response.json()
+            return _parse_json(response.content)
+        except _Unreadable as exc:
+            raise _unreadable(response, what, exc) from None
         except ValueError:
             raise _answer_failed(response, what, self.secret, is_json=False) from None
-        except RecursionError:
-            raise HubError(f"{what}: the answer is JSON nested too deep to read") from None
 
     def _note_hub_date(self, response: requests.Response) -> None:
         if self._clock_anchor is not None:
@@ -1258,8 +1276,8 @@ def _is_hub_404(response: requests.Response, messages: tuple) -> bool:
     if response.status_code != 404 or "X-JupyterHub-Version" not in response.headers:
         return False
     try:
-        body = response.json()
-    except (ValueError, RecursionError):
+        body = _parse_json(response.content)
+    except ValueError:
         return False
     return isinstance(body, dict) and body.get("status") == 404 and body.get("message") in messages
 
@@ -1301,15 +1319,20 @@ class ServerClient:
         # quoted: not a server's own path.
         if not path.startswith("/") or parts.netloc or not PATH_CHARACTERS.fullmatch(path):
             raise LookFailed(f"the server's url {shown} is not a path")
-        if any(segment in (".", "..") for segment in segments):
-            raise LookFailed(f"the server's url {shown} climbs out of it")
+        # A proxy may decode %2F or %5C and then collapse: "..%2Falice" is alice's.
+        if any(s in (".", "..") or "/" in s or "\\" in s for s in segments):
+            raise LookFailed(
+                f"the server's url {shown} has a segment that is . or .. or holds / or \\ "
+                "once decoded: it could reach another server"
+            )
         url = f"{self.origin}{path.rstrip('/')}/api/{endpoint}"
         if not url.startswith(self.origin + "/"):
             raise LookFailed(f"the server's url {shown} leaves --server-api-url")
         return url
 
     def get(self, server_url: object, endpoint: str, what: str) -> tuple[object, datetime | None]:
-        """The JSON answer and the server's Date; LookFailed for anything but 200 JSON."""
+        """The JSON answer and the server's Date; LookFailed for anything but 200 JSON, HubError
+        when it cannot be had (whole, within LOOK_BYTES, in time)."""
         response = _send(
             self.hub,
             "GET",
@@ -1320,6 +1343,7 @@ class ServerClient:
             {"no_track_activity": "1"},
             proxies=self.proxies,
             option="--server-api-url",
+            cap=LOOK_BYTES,
         )
         failed = functools.partial(
             _answer_failed,
@@ -1332,8 +1356,10 @@ class ServerClient:
         if response.status_code != 200:
             raise failed()
         try:
-            answer = response.json()
-        except (ValueError, RecursionError):
+            answer = _parse_json(response.content)
+        except _Unreadable as exc:
+            raise _unreadable(response, what, exc, LookFailed) from None
+        except ValueError:
             raise failed(is_json=False) from None
         try:
             date = parsedate_to_datetime(response.headers["Date"])
@@ -1351,11 +1377,13 @@ def _send(
     params: dict | None = None,
     proxies: dict | None = None,
     option: str = "--url",
+    cap: int = HUB_BYTES,
     **kwargs,
 ) -> requests.Response:
     """One request on the Hub client's session, sent with the URL as built, redirects not
-    followed, each attempt's whole answer within `timeout` (see _Watchdog); every failure a
-    HubError naming `what` and why (see explain_error; `option` names the URL's origin),
+    followed, each attempt's whole answer within `timeout` (see _Watchdog) and its body (in
+    `.content`) within `cap` bytes once decoded; every failure a HubError naming `what` and
+    why (see explain_error; `option` names the URL's origin),
     Abandoned once the client's gate has closed."""
     url += f"?{urlencode(params)}" if params else ""
     # requests re-quotes a URL (turning %2E back into ".") and collapses "." and ".."
@@ -1366,7 +1394,11 @@ def _send(
     with hub.watchdog.watch(what, timeout, hub.gate) as flight:
         flight.method, flight.url, flight.option = method, url, option
         try:
-            response = hub.session.send(prepared, timeout=timeout, allow_redirects=False, **sending)
+            response = hub.session.send(
+                prepared, timeout=timeout, allow_redirects=False, stream=True, **sending
+            )
+            # Read here, where the watchdog still watches the connection.
+            cut = _read_body(response, cap, option)
         except requests.RequestException as exc:
             if reason := hub.gate.why_closed():
                 raise flight.abandoned(reason) from None
@@ -1375,13 +1407,70 @@ def _send(
             raise _failed(what, url, failure, flight.retried) from None
         if reason := hub.gate.why_closed():
             raise flight.abandoned(reason)  # an answer after the deadline is not used
+    if cut:
+        raise _failed(what, url, cut)
     return response
+
+
+def _read_body(response: requests.Response, cap: int, option: str) -> Failure | None:
+    """Read the body, decoded, into `response.content`; or say why not (it is over `cap` bytes,
+    or in an encoding not asked for). The connection goes back to the pool, or is closed."""
+    with response:
+        encodings = response.headers.get("Content-Encoding", "").lower()
+        if not {coding.strip() for coding in encodings.split(",")} <= ENCODINGS:
+            words = f"the answer is encoded as {encodings[:40]!r}, which was not asked for"
+            return Failure("unreadable", words, status=response.status_code)
+        body = bytearray()
+        # Each read decodes at most READ_CHUNK bytes: a gzip bomb is cut as it inflates.
+        for chunk in response.iter_content(READ_CHUNK):
+            body += chunk
+            if len(body) > cap:
+                hint = "lower --api-page-size (README: How a pass decides)"
+                return Failure(
+                    "too_large",
+                    f"the answer is over {_size(cap)}: not read",
+                    hint if option == "--url" else None,
+                    response.status_code,
+                )
+        response._content = bytes(body)  # where requests keeps `.content` once it has read it
+    return None
+
+
+def _size(count: int) -> str:
+    return f"{count // 1024**2} MiB" if count >= 1024**2 else f"{count // 1024} KiB"
+
+
+class _Unreadable(ValueError):
+    """JSON that is not parsed: more values than its size allows, or nested too deep."""
+
+
+def _parse_json(body: bytes) -> object:
+    """The JSON value of an answer; ValueError when it is not JSON, _Unreadable (saying why)
+    when it is not parsed.
+
+    Before json.loads, the `,`, `{` and `[` (one before each value but the first, counted in
+    strings too) are held to the answer's size: a few MB of [{},{},...] is millions of dicts.
+    """
+    marks = body.count(b",") + body.count(b"{") + body.count(b"[")
+    if marks > JSON_FREE_MARKS + len(body) // JSON_BYTES_PER_MARK:
+        raise _Unreadable(f"holds {marks} JSON values in {len(body)} bytes, more than a real one")
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise _Unreadable("is JSON nested too deep to read") from None
+
+
+def _unreadable(
+    response: requests.Response, what: str, exc: _Unreadable, cls: type[HubError] | None = None
+) -> HubError:
+    failure = Failure("unreadable", f"the answer {exc}", status=response.status_code)
+    return _failed(what, response.url, failure, cls=cls)
 
 
 def _message(response: requests.Response, secret: str) -> str:
     try:
-        message = response.json().get("message")
-    except (ValueError, AttributeError, RecursionError):
+        message = _parse_json(response.content).get("message")
+    except (ValueError, AttributeError):
         message = None
     return redact(str(message), secret)[:200] if message else redact(response.reason or "", secret)
 

@@ -83,13 +83,33 @@ retry can then succeed. Kinds and their params:
                    timeout, so only a bound on the whole answer ends it
     "total"        total=N: the listing's `_pagination.total` claims N users (next links stay
                    true to the real list)
+    "hostile"      shape=...: a hostile body, as a user's own server (a look) or a Hub page
+                   bloated by one user can send; 200, application/json (see HOSTILE_SHAPES)
 A fault counts a use when it applies (bad_model: when the user was in the answer). Transport
 faults ("status", "hang", "drop", "malformed", "dribble") come before the auth check, like a proxy
 in front of the Hub; the other kinds change an otherwise normal answer.
+
+Hostile shapes (``hub.add_fault(match, "hostile", shape=..., ...)``), each sent as it is
+generated, so that the fake never holds it whole:
+    "huge"      size=800 MB: spaces, then ``[]`` (an empty kernel list, valid JSON), with its
+                Content-Length
+    "dribble"   the "huge" body in pieces of 64 KiB, one every `interval`=0.01 s, chunked
+                (no Content-Length): every read gets bytes, only a bound on the whole ends it
+    "gzip"      the "huge" body of size=2 GiB gzipped (~2 MB: members of 1 MiB each), with
+                Content-Encoding: gzip
+    "deflate"   the same as one raw deflate stream (~2 MB), Content-Encoding: deflate
+    "many"      a kernel list of count=1,000,000 kernel models (~130 bytes each)
+    "deep"      depth=1,000,000 nested lists: ``[[[...]]]``
+    "dicts"     ``[{},{},...]`` of size=8 MB: few bytes, millions of objects once parsed
+    "bloat"     (a listing or a user's model) user=NAME's servers carry user_options
+                ``{"pad": ...}`` of size=800 MB, fill="string" (``"aaa..."``) or "dicts"
+                (``[{},{},...]``), as a user can set through the spawn API
 """
 
 from __future__ import annotations
 
+import functools
+import gzip
 import itertools
 import json
 import re
@@ -97,8 +117,9 @@ import ssl
 import threading
 import time
 import traceback
+import zlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import Message
@@ -139,7 +160,9 @@ FAULT_KINDS = {
     "bad_model",
     "dribble",
     "total",
+    "hostile",
 }
+HOSTILE_SHAPES = {"huge", "dribble", "gzip", "deflate", "many", "deep", "dicts", "bloat"}
 _TRANSPORT_FAULTS = {"status", "hang", "drop", "malformed", "dribble"}
 
 _DEFAULT = object()
@@ -480,6 +503,8 @@ class FakeHub:
             raise ValueError(f"unknown fault kind {kind!r}")
         if kind == "bad_model" and "user" not in params:
             raise ValueError("bad_model needs user=NAME")
+        if kind == "hostile" and params.get("shape") not in HOSTILE_SHAPES:
+            raise ValueError(f"hostile needs shape= one of {sorted(HOSTILE_SHAPES)}")
         if isinstance(match, tuple):
             method, pattern = match
             regex = re.compile(pattern)
@@ -953,6 +978,14 @@ class _Handler(BaseHTTPRequestHandler):
         auth = (req.headers.get("Authorization") or "").split(None, 1)
         if len(auth) != 2 or auth[0].lower() not in ("token", "bearer") or auth[1] != hub.token:
             return self._error(403, "Missing or invalid credentials.")
+        with hub._lock:
+            hostile = hub._take_fault(req, {"hostile"})
+            if hostile is not None:
+                hostile.hits += 1
+                page = hub._route(req, "")[1] if hostile.params["shape"] == "bloat" else None
+        if hostile is not None:
+            self.from_server = req.kind == "look"
+            return self._stream(*hostile_body(hostile.params, page))
         if req.kind == "look":
             self.from_server = True
             with hub._lock:
@@ -969,6 +1002,127 @@ class _Handler(BaseHTTPRequestHandler):
         if lose_answer:
             return self._drop()  # the work is done, the answer is lost
         self._send(status, raw=raw)
+
+    def _stream(self, headers: dict, length: int | None, chunks: Iterator[bytes], pause=0.0):
+        """200 with a body sent as it is generated: with its length, else chunked."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        for key, value in headers.items():
+            self.send_header(key, value)
+        if length is None:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(length))
+        self.end_headers()
+        # The client cuts most of these short: the connection is not used again.
+        self.close_connection = True
+        closing = self.server.hub._closing
+        for chunk in chunks:
+            if closing.wait(pause):
+                return
+            if length is None:
+                chunk = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+            self.wfile.write(chunk)
+        if length is None:
+            self.wfile.write(b"0\r\n\r\n")
+
+
+MIB = 1 << 20
+_KERNEL_JSON = json.dumps(
+    {
+        "id": "00000000-0000-0000-0000-000000000000",
+        "name": "python3",
+        "last_activity": "2026-11-26T12:00:00.000000Z",
+        "execution_state": "busy",
+        "connections": 0,
+    }
+).encode()
+
+
+def _repeat(piece: bytes, count: int) -> Iterator[bytes]:
+    """`piece` `count` times, in writes of about 64 KiB."""
+    batch = max(1, 65536 // len(piece))
+    for start in range(0, count, batch):
+        yield piece * min(batch, count - start)
+
+
+def _spaces_then_empty_list(size: int) -> Iterator[bytes]:
+    yield from _repeat(b" " * 65536, (size - 2) // 65536)
+    yield b" " * ((size - 2) % 65536) + b"[]"
+
+
+@functools.cache
+def _gzip_members() -> tuple[bytes, bytes]:
+    """(a gzip member of 1 MiB of spaces, the last member: spaces ending in []) (~1 KB each)."""
+    return gzip.compress(b" " * MIB), gzip.compress(b" " * (MIB - 2) + b"[]")
+
+
+@functools.cache
+def _deflate_blocks() -> tuple[bytes, bytes]:
+    """Raw deflate: (1 MiB of spaces, flushed so that it can be repeated; the end: [])."""
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = squeeze.compress(b" " * MIB) + squeeze.flush(zlib.Z_FULL_FLUSH)
+    return block, squeeze.compress(b" " * (MIB - 2) + b"[]") + squeeze.flush()
+
+
+def _list_of(item: bytes, size: int) -> tuple[int, Iterator[bytes]]:
+    """[item,item,...] of about `size` bytes: (its length, its pieces)."""
+    count = max(1, (size - 2) // (len(item) + 1))
+    pieces = itertools.chain([b"["], _repeat(item + b",", count - 1), [item + b"]"])
+    return count * (len(item) + 1) + 1, pieces
+
+
+def _bloated(page: Any, user: str, size: int, fill: str) -> tuple[int, Iterator[bytes]]:
+    """A page (or a user's model) whose user `user` carries user_options of `size` bytes."""
+    page = json.loads(json.dumps(page))  # a copy: the hub's own models stay as they are
+    items = page.get("items", [page]) if isinstance(page, dict) else page
+    mark = "\x00pad\x00"
+    for model in items:
+        if model.get("name") == user:
+            for server_model in model.get("servers", {}).values():
+                server_model["user_options"] = {"pad": mark}
+                break
+    before, _, after = json.dumps(page).encode().partition(json.dumps(mark).encode())
+    if not after:
+        return len(before), iter([before])
+    if fill == "dicts":
+        length, pad = _list_of(b"{}", size)
+    else:
+        length, pad = size + 2, itertools.chain([b'"'], _repeat(b"a", size), [b'"'])
+    return len(before) + length + len(after), itertools.chain([before], pad, [after])
+
+
+def hostile_body(params: dict, page: Any = None) -> tuple[dict, int | None, Iterator[bytes], float]:
+    """(headers, length or None for chunked, the body's pieces, pause between pieces)."""
+    shape = params["shape"]
+    if shape == "bloat":
+        size = params.get("size", 800_000_000)
+        return {}, *_bloated(page, params["user"], size, params.get("fill", "string")), 0.0
+    if shape in ("huge", "dribble"):
+        size = params.get("size", 800_000_000)
+        if shape == "huge":
+            return {}, size, _spaces_then_empty_list(size), 0.0
+        return {}, None, _spaces_then_empty_list(size), params.get("interval", 0.01)
+    if shape in ("gzip", "deflate"):
+        mebibytes = params.get("size", 2 << 30) // MIB
+        if shape == "gzip":
+            member, last = _gzip_members()
+            headers = {"Content-Encoding": "gzip"}
+        else:
+            member, last = _deflate_blocks()
+            headers = {"Content-Encoding": "deflate"}
+        body = itertools.chain(_repeat(member, mebibytes - 1), [last])
+        return headers, len(member) * (mebibytes - 1) + len(last), body, 0.0
+    if shape == "many":
+        count = params.get("count", 1_000_000)
+        body = itertools.chain(
+            [b"["], _repeat(_KERNEL_JSON + b", ", count - 1), [_KERNEL_JSON + b"]"]
+        )
+        return {}, (len(_KERNEL_JSON) + 2) * count, body, 0.0
+    if shape == "deep":
+        depth = params.get("depth", 1_000_000)
+        return {}, 2 * depth, itertools.chain(_repeat(b"[", depth), _repeat(b"]", depth)), 0.0
+    return {}, *_list_of(b"{}", params.get("size", 8_000_000)), 0.0  # "dicts"
 
 
 class _Dribbling:

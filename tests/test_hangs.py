@@ -234,7 +234,8 @@ def test_a_signal_during_a_notify_command_ends_the_pass_within_seconds(fake_hub,
 
 # ---- item 9: JSON nested too deep ----------------------------------------------------------
 
-DEEP = b"[" * 100_000 + b"]" * 100_000
+# Spaced out, so that it holds no more brackets than its size allows (see _parse_json).
+DEEP = b"[               " * 100_000 + b"]" * 100_000
 DEEP_PAGE = b'{"items": ' + DEEP + b', "_pagination": {}}'
 DEEP_ERROR = b'{"status": 500, "message": ' + DEEP + b"}"
 

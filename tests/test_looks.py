@@ -461,6 +461,10 @@ def test_a_dry_run_sends_no_look_unless_asked_and_says_what_a_look_would_decide(
         "//evil.example:1/user/u/",  # another host, without a scheme
         "/user/u/../../hub/api/",  # climbs out of the server
         "/user/u/%2e%2e/%2E%2E/hub/api/",
+        "/user/u/..%2Fevil/",  # a named server "../evil": a proxy may decode and collapse it
+        "/user/u/..%2f..%2fhub%2fapi/",
+        "/user/u/..%5Cevil/",  # a backslash, which browsers' URL parsers read as a slash
+        "/user/u/a%2Fb/",  # a slash in a segment: another path than the server's own
         "user/u/",  # not a path from the root
         None,
     ],
