@@ -17,7 +17,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import sysconfig
 import tempfile
 from pathlib import Path
 
@@ -204,29 +203,30 @@ def test_roots_file_in_a_sticky_folder_is_read(hub, shared):
     assert sorted(hub.stops) == [("active", ""), ("idle", "")]
 
 
-def python_for_another_user() -> list[str]:
-    """A Python that another user may run, with this checkout and the test venv's packages:
-    this one if its files are open to all, else the system's of the same version."""
-    candidates = [sys.executable, "/usr/bin/python3"]
-    for python in candidates:
-        try:
-            probe = as_user(OTHER, python, "-c", "import sys; print(sys.version_info[:2])")
-        except OSError:  # not a program it may run
-            continue
-        if probe.returncode == 0 and probe.stdout.strip() == str(sys.version_info[:2]):
-            return [python]
-    cannot_run(f"no Python {sys.version_info[:2]} that uid {OTHER} may run (tried {candidates})")
+# The culler as a user that is not root: started as root with idle-cull (and what it imports
+# only when needed) loaded, then that user for good, so that neither this Python nor the
+# checkout need be where that user may read.
+AS_CULLER = """\
+import fcntl, os, tomllib
+import idle_cull
+os.setgroups([])
+os.setgid({uid})
+os.setuid({uid})
+idle_cull.main()
+"""
 
 
-def culler_env(hub, **extra) -> dict[str, str]:
-    paths = [str(REPO), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
-    return {"PATH": "/usr/bin:/bin", "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths)),
-            "JUPYTERHUB_API_TOKEN": TOKEN, "IDLE_CULL_URL": hub.url, **extra}  # fmt: skip
+def run_as_culler(hub, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "JUPYTERHUB_API_TOKEN": TOKEN,
+           "IDLE_CULL_URL": hub.url}  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", AS_CULLER.format(uid=CULLER), *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
 
 
 def test_a_culler_that_is_not_root_reads_its_own_and_roots_files_only(hub, shared):
     need_root("a culler that is not root")
-    python = python_for_another_user()
     folder = shared / "culler"
     folder.mkdir(mode=0o755)
     os.chown(folder, CULLER, CULLER)
@@ -234,9 +234,8 @@ def test_a_culler_that_is_not_root_reads_its_own_and_roots_files_only(hub, share
     roots = folder / "roots.toml"
     roots.write_text("timeout = 1\n")
     theirs = plant(shared / "shared" / "theirs.toml", "timeout = 1\n")
-    run = [*python, "-P", "-m", "idle_cull", "--dry-run", "--config"]
     for path, exit_code in [(own, 0), (roots, 0), (theirs, 2)]:
-        done = as_user(CULLER, *run, str(path), cwd=folder, env=culler_env(hub))
+        done = run_as_culler(hub, "--dry-run", f"--config={path}", cwd=folder)
         assert done.returncode == exit_code, done.stderr
     assert f"it is owned by uid {OTHER}, not this user (uid {CULLER}) or root" in done.stderr
     assert len(done.stderr.splitlines()) == 1 and hub.stops == []
@@ -437,10 +436,8 @@ def test_a_lock_file_others_can_open_is_an_error(hub, shared):
 
 def test_a_culler_that_is_not_root_refuses_another_users_lock_file(hub, shared):
     need_root("a culler that is not root")
-    python = python_for_another_user()
     lock = plant(shared / "shared" / "idle-cull.lock", mode=0o644)
-    run = [*python, "-P", "-m", "idle_cull", f"--lock-file={lock}"]
-    done = as_user(CULLER, *run, cwd="/", env=culler_env(hub))
+    done = run_as_culler(hub, f"--lock-file={lock}", cwd=Path("/"))
     assert done.returncode == 1, done.stderr
     assert done.stderr == (
         f"idle-cull: error: the lock file {lock} is owned by uid {OTHER}, not this user "
