@@ -2646,10 +2646,11 @@ class _Formatter(logging.Formatter):
             text = json.dumps(entry)  # ASCII only: every control character escaped, DEL too
         else:
             # One event, one line; a traceback (--log-level=debug) follows on lines of its own.
-            message = one_line(record.getMessage())
-            text = super().format(
-                logging.makeLogRecord({**vars(record), "msg": message, "args": None})
-            )
+            message = record.getMessage()
+            if CONTROLS.search(message):  # a copy, not the record: it may go elsewhere too
+                escaped = {"msg": one_line(message), "args": None}
+                record = logging.makeLogRecord({**vars(record), **escaped})
+            text = super().format(record)
         return redact(text, self.secret)
 
 
