@@ -24,8 +24,9 @@ $(CHP):
 
 proxy: $(CHP)
 
-# Needs no root: checks whose tools are missing (systemd-analyze, flock, podman, ...) are
-# skipped, and pytest's summary at the end names each one with the missing tool.
+# Needs no root: checks whose tools are missing (systemd-analyze, flock, podman, ...), or that
+# act as another user of the machine (root only), are skipped, and pytest's summary at the end
+# names each one with what it lacked.
 # `make test-tools` (root, Debian) installs them; CI does, and fails on any such skip.
 test: install $(CHP) upstream
 	PATH="$(NODE_BIN):$$PATH" $(PY) -m pytest -q
