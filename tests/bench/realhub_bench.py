@@ -24,10 +24,11 @@ probe's p50/p99 during the pass and during the baseline; the servers stopped of 
 ones (and that none of the 500 active was); the culler's requests and the Hub's time for them,
 from the Hub's log. Upstream jupyterhub-idle-culler 2.0.0 (run_upstream.py, concurrency 10)
 and each variant of ours take turns, `--pairs` times, the order alternating; the tables show
-medians. Then the token kinds: the Hub's CPU per request with a token from its config (hashed
-with 16,384 rounds), with one it made (1 round), and with a config token added while
-JupyterHub.trust_user_provided_tokens is True (a second, small Hub), against a request without a
-token; the rounds are read from the Hubs' databases.
+medians. Then the token kinds: the Hub's CPU per request (GET /hub/api/users/<probe>) with the
+service token from its config (hashed with 16,384 rounds) and with one it made for a user holding
+the culler's role (1 round), on this Hub and on a small second one whose config tokens were added
+while JupyterHub.trust_user_provided_tokens was on, against a request without a token (GET
+/hub/api/); the rounds are read from the Hubs' databases.
 
 PASS/FAIL per target (README "What a pass costs the Hub"); exit 1 on a FAIL. Not collected by
 pytest; timings never belong in the test suite.
@@ -42,8 +43,10 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -70,7 +73,7 @@ GENERATED_TOKEN_USER = "bench-culler"  # holds the culler's role; the Hub makes 
 PROBE_EVERY = 0.05
 BASELINE_S = 10.0
 UPSTREAM_CONCURRENCY = 10  # upstream's default
-TOKEN_REQUESTS = 300  # per token kind
+TOKEN_REQUESTS, TOKEN_ROUNDS = 100, 5  # per token kind
 EXTRA_CONFIG = [
     # Servers survive a Hub restart, as KubeSpawner pods do.
     "c.JupyterHub.cleanup_servers = False",
@@ -191,6 +194,8 @@ class Bench:
     def __init__(self, args):
         self.args = args
         self.workdir = Path(args.workdir or tempfile.mkdtemp(prefix="idle-cull-bench-hub-"))
+        if self.workdir.exists() and any(self.workdir.iterdir()):
+            raise SystemExit(f"--workdir {self.workdir}: not empty (each run builds its own Hub)")
         self.hub = RealHub(self.workdir / "hub", extra_config=EXTRA_CONFIG)
         self.db = self.hub.workdir / "jupyterhub.sqlite"
         self.snapshot = self.workdir / "snapshot.sqlite"
@@ -204,11 +209,11 @@ class Bench:
         began = time.perf_counter()
         hub = self.hub
         hub.start(timeout=120)
-        for first in range(0, USERS, 1000):
-            hub.create_users(*(name(i) for i in range(first, min(first + 1000, USERS))))
+        for first in range(0, USERS, 200):  # each request well within its 30 s, even loaded
+            hub.create_users(*(name(i) for i in range(first, min(first + 200, USERS))))
         hub.create_users(PROBE_USER)
-        self.probe_token = self._new_token(PROBE_USER, None)
-        self.tokens["generated"] = self._new_token(GENERATED_TOKEN_USER, CULLER_SCOPES)
+        self.probe_token = new_token(hub, PROBE_USER, None)
+        self.tokens["generated"] = new_token(hub, GENERATED_TOKEN_USER, CULLER_SCOPES)
         made = time.perf_counter()
         with ThreadPoolExecutor(10) as pool:  # the session keeps 10 connections
             list(pool.map(lambda user: hub.start_server(user, wait=False), SERVER_USERS))
@@ -219,12 +224,6 @@ class Bench:
         )
         hub.stop()
         shutil.copyfile(self.db, self.snapshot)
-
-    def _new_token(self, user: str, scopes: list[str] | None) -> str:
-        body = {"note": "bench", **({"scopes": scopes} if scopes else {})}
-        response = self.hub.api("POST", f"/users/{user}/tokens", json=body)
-        self.hub._check(response, 201)
-        return response.json()["token"]
 
     def _ready_count(self) -> int:
         return sum(
@@ -308,8 +307,12 @@ class Bench:
         }
         env["JUPYTERHUB_API_TOKEN"] = token
         log_path = self.workdir / f"{culler}-{pair}.log"
+        profiler = self.profiler(pid, f"{culler}-{pair}")
         wall, culler_cpu, _, code, stdout = measure(cmd, env, log_path, ROOT)
         pass_end, end_cpu = time.monotonic(), hub_cpu(pid)
+        if profiler:
+            profiler.send_signal(signal.SIGINT)  # py-spy writes its samples and exits
+            profiler.wait(60)
         probe.done.set()
         probe.join()
         hub_log = self._log_since(offset)
@@ -348,33 +351,69 @@ class Bench:
             hub_start_s=self.start_times[-1][1],
         )
 
+    def profiler(self, pid: int, label: str) -> subprocess.Popen | None:
+        """py-spy recording the Hub's stacks over the pass (--profile-hub), or None."""
+        if not self.args.profile_hub:
+            return None
+        out = self.workdir / f"{label}.hub-profile.txt"
+        cmd = [self.args.profile_hub, "record", "--pid", str(pid), "--rate", "200"]
+        cmd += ["--format", "raw", "--output", str(out)]
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
     # -- token kinds ------------------------------------------------------------------------
 
     def token_costs(self, hub: RealHub, tokens: dict[str, str]) -> dict[str, float]:
-        """Hub CPU (ms) per GET /hub/api/user with each token, and per GET /hub/api/ without."""
+        """Hub CPU (ms) per request: GET /hub/api/users/<probe> with each token (the tokens hold
+        the same scopes, so the answers are the same), and GET /hub/api/ with none. The kinds
+        take turns, TOKEN_ROUNDS rounds; the median round of each kind counts."""
         session = requests.Session()
         session.trust_env = False
-        costs = {}
-        for kind, token in [("none", None), *tokens.items()]:
-            url = f"{hub.api_url}/" if token is None else f"{hub.api_url}/user"
-            headers = {"Authorization": f"token {token}"} if token else {}
-            session.get(url, headers=headers).raise_for_status()  # a warm connection
-            before = hub_cpu(hub.proc.pid)
-            for _ in range(TOKEN_REQUESTS):
-                session.get(url, headers=headers).raise_for_status()
-            costs[kind] = 1000 * (hub_cpu(hub.proc.pid) - before) / TOKEN_REQUESTS
-        return costs
+        kinds = [("no token", None), *tokens.items()]
+        samples: dict[str, list[float]] = {kind: [] for kind, _ in kinds}
+        for _ in range(TOKEN_ROUNDS):
+            for kind, token in kinds:
+                url = f"{hub.api_url}/users/{PROBE_USER}" if token else f"{hub.api_url}/"
+                headers = {"Authorization": f"token {token}"} if token else {}
+                session.get(url, headers=headers).raise_for_status()  # a warm connection
+                before = hub_cpu(hub.proc.pid)
+                for _ in range(TOKEN_REQUESTS):
+                    session.get(url, headers=headers).raise_for_status()
+                samples[kind].append(1000 * (hub_cpu(hub.proc.pid) - before) / TOKEN_REQUESTS)
+        return {kind: statistics.median(values) for kind, values in samples.items()}
 
-    def trusted_token_cost(self) -> tuple[dict[str, float], dict[str, int]]:
-        """A small Hub whose config tokens were added with trust_user_provided_tokens."""
-        extra = ["c.JupyterHub.trust_user_provided_tokens = True"]
+    def token_kinds(self) -> list[tuple[str, str, float, int | None]]:
+        """(Hub, token kind, Hub CPU ms per request, hash rounds) on this Hub, and on a small
+        one whose config tokens were added while trust_user_provided_tokens was on."""
+        self.restore()
+        kinds = {k: self.tokens[k] for k in ("config", "generated")}
+        rows = [("bench", k, ms, None) for k, ms in self.token_costs(self.hub, kinds).items()]
+        self.hub.stop()
+        extra = [*EXTRA_CONFIG, "c.JupyterHub.trust_user_provided_tokens = True"]
         with RealHub(self.workdir / "trusted-hub", extra_config=extra) as small:
-            costs = self.token_costs(small, {"trusted config": small.tokens["idle-culler"]})
-        return costs, rounds(small.workdir / "jupyterhub.sqlite", "services", "idle-culler")
+            small.create_users(PROBE_USER)
+            kinds = {
+                "config": small.tokens["idle-culler"],
+                "generated": new_token(small, GENERATED_TOKEN_USER, CULLER_SCOPES),
+            }
+            costs = self.token_costs(small, kinds)
+        rows += [("trusted", k, ms, None) for k, ms in costs.items()]
+        found = {}
+        for name, hub in (("bench", self.hub), ("trusted", small)):
+            db = hub.workdir / "jupyterhub.sqlite"
+            found[name, "config"] = rounds(db, "services", "idle-culler")
+            found[name, "generated"] = rounds(db, "users", GENERATED_TOKEN_USER)
+        return [(hub, kind, ms, found.get((hub, kind))) for hub, kind, ms, _ in rows]
 
 
-def rounds(db: Path, table: str, owner: str) -> dict[str, int]:
-    """The hash rounds of each token the owner (a user or a service) has, by note."""
+def new_token(hub: RealHub, user: str, scopes: list[str] | None) -> str:
+    """A token the Hub makes for the user (POST /users/<user>/tokens): hashed with 1 round."""
+    body = {"note": "bench", **({"scopes": scopes} if scopes else {})}
+    response = hub._check(hub.api("POST", f"/users/{user}/tokens", json=body), 201)
+    return response.json()["token"]
+
+
+def rounds(db: Path, table: str, owner: str) -> int | None:
+    """The hash rounds of the owner's tokens (a user or a service); None unless all agree."""
     column = "user_id" if table == "users" else "service_id"
     with sqlite3.connect(db) as conn:
         rows = conn.execute(
@@ -382,7 +421,8 @@ def rounds(db: Path, table: str, owner: str) -> dict[str, int]:
             f"ON api_tokens.{column} = {table}.id WHERE {table}.name = ?",
             (owner,),
         ).fetchall()
-    return {note: int(hashed.split(":")[1]) for note, hashed in rows}
+    found = {int(hashed.split(":")[1]) for _, hashed in rows}
+    return found.pop() if len(found) == 1 else None
 
 
 # -- the report ---------------------------------------------------------------------------------
@@ -473,7 +513,9 @@ def targets(passes: list[Pass], ours: str) -> list[tuple[bool, str]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--upstream-python", required=True, help="python of the upstream venv")
-    parser.add_argument("--pairs", type=int, default=3, help="passes of each culler")
+    parser.add_argument(
+        "--pairs", type=int, default=3, help="passes of each culler (0: only the token kinds)"
+    )
     parser.add_argument(
         "--variants",
         default="ours=",
@@ -483,6 +525,13 @@ def main() -> int:
     parser.add_argument("--no-tokens", action="store_true", help="skip the token kinds")
     parser.add_argument("--workdir", default=None, help="the Hub, its snapshot and the logs")
     parser.add_argument("--json-out", default=None, help="also write every pass as JSON")
+    parser.add_argument(
+        "--profile-hub",
+        metavar="PY_SPY",
+        default=None,
+        help="record the Hub's stacks during each pass with this py-spy, into the work "
+        "directory (profiling only: the figures then include the profiler)",
+    )
     args = parser.parse_args()
     bench = Bench(args)
     names = list(bench.variants)
@@ -503,19 +552,9 @@ def main() -> int:
                     f" -> {p.pass_p50:.0f}/{p.pass_p99:.0f} ms, {p.requests} requests, "
                     f"Hub start {p.hub_start_s:.1f}s (load average {p.load:.1f})"
                 )
-        if not args.no_tokens:
-            bench.restore()
-            kinds = {k: bench.tokens[k] for k in ("config", "generated")}
-            costs = bench.token_costs(bench.hub, kinds)
-            found = {
-                "config": rounds(bench.db, "services", "idle-culler"),
-                "generated": rounds(bench.db, "users", GENERATED_TOKEN_USER),
-            }
+        kinds = [] if args.no_tokens else bench.token_kinds()
     finally:
         bench.hub.stop()
-    if not args.no_tokens:
-        trusted, found["trusted config"] = bench.trusted_token_cost()
-        costs.update({k: v for k, v in trusted.items() if k != "none"})
     answered = statistics.median(a for a, _ in bench.start_times)
     running = statistics.median(r for _, r in bench.start_times)
 
@@ -529,24 +568,30 @@ def main() -> int:
         f"medians; ours: {described}; upstream 2.0.0 with concurrency {UPSTREAM_CONCURRENCY} "
         "and the config token"
     )
-    log(table(passes, ["upstream", *names]))
+    if passes:
+        log(table(passes, ["upstream", *names]))
     log(
         f"\nHub restart with {RUNNING:,} running servers (the median of {len(bench.start_times)}): "
         f"answers after {answered:.1f}s, 'JupyterHub is now running' after {running:.1f}s"
     )
-    if not args.no_tokens:
-        log("\nHub CPU per request (GET /hub/api/user; 'none' is GET /hub/api/ without a token):")
-        for kind, ms in costs.items():
-            where = f", hash rounds {found[kind]}" if kind in found else ""
-            log(f"  {kind:<15} {ms:6.2f} ms{where}")
-        ours = [p for p in passes if p.culler == names[0]]
-        per_pass = median(ours, "requests") * (costs["config"] - costs["generated"]) / 1000
+    if kinds:
         log(
-            f"  a pass of {names[0]} sends {median(ours, 'requests'):.0f} requests: the config "
-            f"token costs the Hub {per_pass:.2f}s more CPU per pass than a generated one"
+            "\nHub CPU per request (GET /hub/api/users/probe; with no token: GET /hub/api/); "
+            "trusted: a small Hub with trust_user_provided_tokens on when its tokens were added:"
         )
+        for hub, kind, ms, found in kinds:
+            where = f", hashed with {found:,} round(s)" if found else ""
+            log(f"  {hub:<8} {kind:<10} {ms:6.2f} ms{where}")
+        cost = {(hub, kind): ms for hub, kind, ms, _ in kinds}
+        extra = cost["bench", "config"] - cost["bench", "generated"]
+        if ours := [p for p in passes if p.culler == names[0]]:
+            log(
+                f"  a pass of {names[0]} sends {median(ours, 'requests'):.0f} requests: with the "
+                f"config token the Hub spends {median(ours, 'requests') * extra / 1000:.2f}s "
+                "more CPU on it than with a generated one"
+            )
     print()
-    checks = targets(passes, names[0])
+    checks = targets(passes, names[0]) if passes else []
     for passed, text in checks:
         log(f"{'PASS' if passed else 'FAIL'}  {text}")
     log(f"\nbenchmark took {time.perf_counter() - began:.0f}s")
