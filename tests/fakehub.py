@@ -1066,10 +1066,11 @@ def _deflate_blocks() -> tuple[bytes, bytes]:
 
 
 def _list_of(item: bytes, size: int) -> tuple[int, Iterator[bytes]]:
-    """[item,item,...] of about `size` bytes: (its length, its pieces)."""
+    """[item,item,...] padded with spaces to `size` bytes: (its length, its pieces)."""
     count = max(1, (size - 2) // (len(item) + 1))
-    pieces = itertools.chain([b"["], _repeat(item + b",", count - 1), [item + b"]"])
-    return count * (len(item) + 1) + 1, pieces
+    pad = max(0, size - count * (len(item) + 1) - 1)
+    pieces = itertools.chain([b"["], _repeat(item + b",", count - 1), [item + b"]" + b" " * pad])
+    return count * (len(item) + 1) + 1 + pad, pieces
 
 
 def _bloated(page: Any, user: str, size: int, fill: str) -> tuple[int, Iterator[bytes]]:

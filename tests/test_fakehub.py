@@ -158,3 +158,47 @@ def test_faults(fake_hub, api):
         api("GET", "/users").json()
 
     assert fake_hub.faults_injected == 7
+
+
+@pytest.mark.parametrize(
+    "params, length, encoding",
+    [
+        ({"shape": "huge", "size": 300_000}, 300_000, None),
+        ({"shape": "dribble", "size": 200_000, "interval": 0}, 200_000, None),
+        ({"shape": "gzip", "size": 3 << 20}, 3 << 20, "gzip"),
+        ({"shape": "deflate", "size": 3 << 20}, 3 << 20, "deflate"),
+        ({"shape": "many", "count": 1000}, None, None),
+        ({"shape": "deep", "depth": 50}, 100, None),
+        ({"shape": "dicts", "size": 3001}, 3001, None),
+    ],
+)
+def test_hostile_bodies_are_what_they_say(hub_factory, params, length, encoding):
+    """Sent as generated, decoded by requests whole here (they are small): valid JSON."""
+    hub = hub_factory(scopes=None)
+    hub.add_user("u", servers={"": server()})
+    hub.add_fault(("GET", "^/user/u/"), "hostile", **params)
+    answer = requests.get(f"{hub.base_url}/user/u/api/kernels", timeout=10,
+                          headers={"Authorization": f"token {hub.token}"})  # fmt: skip
+    assert answer.status_code == 200
+    assert answer.headers.get("Content-Encoding") == encoding
+    assert length is None or len(answer.content) == length
+    body = answer.json()
+    if params["shape"] == "many":
+        assert len(body) == 1000 and body[0]["execution_state"] == "busy"
+    elif params["shape"] == "dicts":
+        assert body and all(item == {} for item in body)
+    elif params["shape"] != "deep":
+        assert body == []
+
+
+def test_a_bloated_user_model_is_theirs_alone(hub_factory):
+    hub = hub_factory(scopes=None)
+    for name in ("a", "b"):
+        hub.add_user(name, servers={"": server()})
+    hub.add_fault(lambda r: r.kind == "list", "hostile", shape="bloat", user="b", size=5000)
+    answer = requests.get(f"{hub.url}/users", timeout=10,
+                          headers={"Authorization": f"token {hub.token}", **PAGED})  # fmt: skip
+    items = {user["name"]: user for user in answer.json()["items"]}
+    assert items["b"]["servers"][""]["user_options"] == {"pad": "a" * 5000}
+    assert items["a"]["servers"][""]["user_options"] == {}
+    assert hub.users["b"]["servers"][""]["user_options"] == {}  # the Hub's own model unchanged
