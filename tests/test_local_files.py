@@ -496,6 +496,7 @@ NAMES = [
     "para\u2029graph",
     "csi\x9b31m",
     "nul\x00tab\t",
+    "all" + FORGED + "\r\x1b[2J\x7f\x85\u2028",
 ]
 # What may still end a line or drive a terminal in the text log (its lines end with \n).
 RAW = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029]")
