@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.client
+import http.cookiejar
 import importlib
 import io
 import itertools
@@ -59,11 +60,14 @@ SERVER_SCOPES = ("list:users", "read:users:activity", "read:servers", "delete:se
 # time, and --max-age cannot apply to users.
 USER_SCOPES = ("read:users", "delete:users")
 GROUP_SCOPES = ("read:users:groups",)  # for group exclusions and rules
-LOOK_SCOPES = ("access:servers",)  # to look inside servers (--server-api-url)
+# To look inside servers (--server-api-url): each look is made with a token of the server's
+# owner that reaches only that server, which the culler's token asks the Hub for.
+LOOK_SCOPES = ("tokens",)
 CLOCK_SKEW_WARNING = 60  # seconds
 RETRY_AFTER_CAP = 30  # seconds; a proxy asking for longer must not hang a cron job
 TICK = 0.2  # seconds: how soon a waiting thread notices a signal or a deadline
 LOOK_TIMEOUT = 10  # seconds, at most, for a server's own API to answer a look
+LOOKS_PER_SERVER = 3  # /api/kernels, /api/terminals, /api/status
 LOOK_SLICE = 1000  # looks handed to the workers at a time
 # Answers are read up to a cap, counted after decompression (README "Guarantees" says why these):
 # a server's answer to a look holds 1,000 kernel models (~200 bytes) in 256 KiB; a Hub's answer
@@ -512,6 +516,20 @@ def holds_unfiltered(identity: dict, scope: str) -> bool:
     return not isinstance(scopes, list) or scope in scopes
 
 
+def holds_no_more(granted: object, asked: str, owner: str) -> bool:
+    """Does a new token, by the scopes the Hub says it holds, hold no more than `asked`? It may
+    also read things of its owner: the Hub adds their name and groups (their own, `!user=`)."""
+    return isinstance(granted, list) and all(
+        scope == asked
+        or (
+            isinstance(scope, str)
+            and scope.startswith("read:")
+            and scope.endswith(f"!user={owner}")
+        )
+        for scope in granted
+    )
+
+
 def has_named_servers(version: object) -> bool:
     """JupyterHub 0.9 added named servers, and with them `servers` in every user model."""
     parsed = hub_version(version)
@@ -529,6 +547,14 @@ def has_scopes(version: object) -> bool:
     a missing scope must never go unnoticed (and a Hub without scopes passes the check)."""
     parsed = hub_version(version)
     return parsed is None or parsed >= (2, 0)
+
+
+def narrows_tokens(version: object) -> bool:
+    """JupyterHub 3.0 made a new token hold only the scopes asked for; 2.x ignores them and
+    gives it every permission of its owner. An unreadable version is let through: the scopes
+    the Hub says each new token holds are checked too."""
+    parsed = hub_version(version)
+    return parsed is None or parsed >= (3, 0)
 
 
 # ---------------------------------------------------------------------------
@@ -799,21 +825,21 @@ def _failed(
 def _answer_failed(
     response: requests.Response,
     what: str,
-    secret: str,
-    *,
+    *secrets: str,
     is_json: bool = True,
     option: str = "--url",
     cls: type[HubError] | None = None,
 ) -> HubError:
-    """The error for an answer that is not the one wanted (see explain_answer)."""
+    """The error for an answer that is not the one wanted (see explain_answer), with `secrets`
+    (the tokens the request carried) blotted out of what it shows of the answer."""
     headers = response.headers
     failure = explain_answer(
         response.status_code,
-        _message(response, secret),
+        _message(response, *secrets),
         html=headers.get("Content-Type", "").lower().startswith("text/html"),
         is_json=is_json,
         from_hub="X-JupyterHub-Version" in headers,
-        location=redact(headers.get("Location", "?"), secret)[:100],
+        location=redact(headers.get("Location", "?"), *secrets)[:100],
         option=option,
     )
     # urllib3 hands each attempt's answer the retries made before it.
@@ -821,15 +847,16 @@ def _answer_failed(
     return _failed(what, response.url, failure, retried, cls)
 
 
-def redact(text: str, secret: str) -> str:
-    """The token blotted out, should the Hub or a proxy ever echo it back in a message.
+def redact(text: str, *secrets: str) -> str:
+    """Tokens blotted out, should the Hub, a proxy or a server ever echo one back in a message.
 
-    Before any text is cut: a cut through the token would leave a piece no later pass finds.
+    Before any text is cut: a cut through a token would leave a piece no later pass finds.
     """
-    if not secret:
-        return text
-    # Also as JSON would escape it, for the JSON logs and report.
-    return text.replace(secret, "[token]").replace(json.dumps(secret)[1:-1], "[token]")
+    for secret in secrets:
+        if secret:
+            # Also as JSON would escape it, for the JSON logs and report.
+            text = text.replace(secret, "[token]").replace(json.dumps(secret)[1:-1], "[token]")
+    return text
 
 
 class Abandoned(HubError):
@@ -877,6 +904,7 @@ class _Flight:
         self.retried = 0
         # What a retry line says: set by _send.
         self.method, self.url, self.option = "", "", "--url"
+        self.once = False  # no retry once the request may have been sent (_CappedRetry)
 
     def attempt(self, conn) -> None:
         """An attempt (the first, or a retry) sends its request on `conn`."""
@@ -990,6 +1018,11 @@ class _CappedRetry(Retry):
             retry = self.new(total=0)
         return super(_CappedRetry, retry).increment(method, url, response, error, *args, **kwargs)
 
+    def _is_method_retryable(self, method: str) -> bool:
+        # A request sent `once` is tried again only when it never reached the Hub.
+        flight = getattr(_this_thread, "flight", None)
+        return not (flight and flight.once) and super()._is_method_retryable(method)
+
     def sleep(self, response=None) -> None:
         flight = _this_thread.flight
         asked = None
@@ -1047,15 +1080,6 @@ class _CappedRetry(Retry):
         )
 
 
-class _TokenAuth(requests.auth.AuthBase):
-    def __init__(self, token: str):
-        self._header = f"token {token}"
-
-    def __call__(self, request):
-        request.headers["Authorization"] = self._header
-        return request
-
-
 class HubClient:
     def __init__(
         self,
@@ -1093,8 +1117,13 @@ class HubClient:
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.session.cert = cert
-        self.session.auth = _TokenAuth(token)
+        # The token goes only to the Hub: a header of the Hub's own requests, never the
+        # session's, which also carries the looks inside servers (with their owners' tokens).
         self.secret = token
+        self._auth = {"Authorization": f"token {token}"}
+        # No cookies: one that a user's server sets would go with every later request to the
+        # proxy (other users' looks, the Hub behind it), and a big one would make them fail.
+        self.session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
         self.session.headers["User-Agent"] = f"idle-cull/{__version__}"
         self.session.headers["Accept-Encoding"] = ACCEPT_ENCODING
         # The environment (proxies, REQUESTS_CA_BUNDLE) is read once here, not on every request
@@ -1120,10 +1149,17 @@ class HubClient:
         return redact(text, self.secret)
 
     def _request(
-        self, method: str, path: str, what: str, params: dict | None = None, **kwargs
+        self,
+        method: str,
+        path: str,
+        what: str,
+        params: dict | None = None,
+        headers: dict | None = None,
+        **kwargs,
     ) -> requests.Response:
         url = self._wire_base + path
-        response = _send(self, method, url, what, self.timeout, params, **kwargs)
+        headers = {**self._auth, **(headers or {})}
+        response = _send(self, method, url, what, self.timeout, params, headers=headers, **kwargs)
         self._note_hub_date(response)
         return response
 
@@ -1241,6 +1277,55 @@ class HubClient:
         response = self._request("DELETE", f"/users/{_segment(user)}", what)
         return self._action_result(response, what, HUB_NOT_FOUND)
 
+    def look_token(self, user: str, server: str, lifetime: int) -> LookToken:
+        """A new token of `user` that reaches only this server of theirs, for `lifetime` seconds;
+        LookFailed (with the Hub's status) when the Hub makes none, or a wider one."""
+        where = f"{user}/{server}"  # the Hub's name for a server; "alice/" is the default one
+        asked = f"access:servers!server={where}"
+        what = f"making a token of {user} to look inside {where}"
+        body = {"scopes": [asked], "expires_in": lifetime, "note": f"idle-cull look at {where}"}
+        made = f"a token made, if any, expires in {lifetime}s"
+        try:
+            response = self._request("POST", f"/users/{_segment(user)}/tokens", what, json=body)
+        except HubError as exc:  # the Hub may have made it and lost the answer
+            raise HubError(f"{exc}; {made}", failure=exc.failure, what=what, url=exc.url) from None
+        if response.status_code != 201:
+            raise _answer_failed(response, what, self.secret, cls=LookFailed)
+        try:
+            answer = _parse_json(response.content)
+        except ValueError:
+            answer = None
+        answer = answer if isinstance(answer, dict) else {}
+        secret, token_id = answer.get("token"), answer.get("id")
+        if not (isinstance(secret, str) and secret and isinstance(token_id, str) and token_id):
+            words = f"an answer without a token and its id ({made})"
+            raise _failed(
+                what, response.url, Failure("unexpected", words, status=201), 0, LookFailed
+            )
+        token = LookToken(user=user, server=server, id=token_id, secret=secret, lifetime=lifetime)
+        if not holds_no_more(answer.get("scopes"), asked, user):
+            try:
+                self.revoke_token(token)
+                fate = "revoked"
+            except HubError as exc:
+                fate = f"not sent anywhere; {exc}"
+            words = f"the Hub made a token wider than asked ({fate})"
+            raise _failed(
+                what, response.url, Failure("unexpected", words, status=201), 0, LookFailed
+            )
+        return token
+
+    def revoke_token(self, token: LookToken) -> None:
+        what = f"revoking the token of {token.user} for the look inside {token.user}/{token.server}"
+        path = f"/users/{_segment(token.user)}/tokens/{_segment(token.id)}"
+        # Sent once: the Hub gives a revoked token's id to the next token it makes, and a retry
+        # after a lost answer could revoke a token its owner has made since.
+        response = self._request("DELETE", path, what, once=True)
+        # 404: gone already (expired, or revoked by its owner).
+        gone = (f"No such token {token.id} for user {token.user}",)
+        if response.status_code != 204 and not _is_hub_404(response, gone):
+            raise _answer_failed(response, what, self.secret)
+
     def _action_result(self, response: requests.Response, what: str, gone: tuple) -> str:
         if response.status_code == 202:
             return "stopping"
@@ -1291,15 +1376,27 @@ class LookFailed(HubError):
         return self.failure.status if self.failure else None
 
 
+@dataclass(frozen=True)
+class LookToken:
+    """A token of a server's owner that reaches only that server, made for its looks."""
+
+    user: str
+    server: str
+    id: str
+    secret: str = field(repr=False)
+    lifetime: int  # seconds
+
+
 class ServerClient:
     """Looks inside single-user servers (GET <server>/api/...) through the proxy.
 
-    It shares the Hub client's session: connection pools, retries, TLS settings and the token,
-    which a look needs. A look goes only to --server-api-url's scheme, host and port, never
-    follows a redirect, and is judged as the Hub's answers are.
+    It shares the Hub client's session: connection pools, retries and TLS settings, but not the
+    Hub's token: each look carries a token of the server's owner (HubClient.look_token). A look
+    goes only to --server-api-url's scheme, host and port, never follows a redirect, and is
+    judged as the Hub's answers are.
     """
 
-    def __init__(self, hub: HubClient, url: str, timeout: float):
+    def __init__(self, hub: HubClient, url: str, timeout: float, retries: int):
         self.hub = hub
         parts = urlsplit(url)
         # As requests spells it (lower case, IDNA): looks are sent as built, like the Hub's.
@@ -1308,6 +1405,9 @@ class ServerClient:
         self.timeout = timeout
         # The session's proxies are the Hub's; the environment may say otherwise for this host.
         self.proxies = requests.utils.get_environ_proxies(self.origin)
+        # A server's token must last through every attempt of its looks; it is revoked as soon
+        # as they end, so its lifetime bounds only a token whose revoke failed.
+        self.token_lifetime = math.ceil(LOOKS_PER_SERVER * (1 + retries) * timeout)
 
     def api_url(self, server_url: object, endpoint: str) -> str:
         """<server>/api/<endpoint> under --server-api-url, or LookFailed if that is unsafe."""
@@ -1330,9 +1430,11 @@ class ServerClient:
             raise LookFailed(f"the server's url {shown} leaves --server-api-url")
         return url
 
-    def get(self, server_url: object, endpoint: str, what: str) -> tuple[object, datetime | None]:
-        """The JSON answer and the server's Date; LookFailed for anything but 200 JSON, HubError
-        when it cannot be had (whole, within LOOK_BYTES, in time)."""
+    def get(
+        self, server_url: object, endpoint: str, what: str, token: LookToken
+    ) -> tuple[object, datetime | None]:
+        """The JSON answer and the server's Date, asked with `token`; LookFailed for anything
+        but 200 JSON, HubError when it cannot be had (whole, within LOOK_BYTES, in time)."""
         response = _send(
             self.hub,
             "GET",
@@ -1344,12 +1446,15 @@ class ServerClient:
             proxies=self.proxies,
             option="--server-api-url",
             cap=LOOK_BYTES,
+            secret=token.secret,
+            headers={"Authorization": f"token {token.secret}"},
         )
         failed = functools.partial(
             _answer_failed,
             response,
             what,
             self.hub.secret,
+            token.secret,
             option="--server-api-url",
             cls=LookFailed,
         )
@@ -1378,13 +1483,16 @@ def _send(
     proxies: dict | None = None,
     option: str = "--url",
     cap: int = HUB_BYTES,
+    secret: str = "",
+    once: bool = False,
     **kwargs,
 ) -> requests.Response:
     """One request on the Hub client's session, sent with the URL as built, redirects not
     followed, each attempt's whole answer within `timeout` (see _Watchdog) and its body (in
     `.content`) within `cap` bytes once decoded; every failure a HubError naming `what` and
     why (see explain_error; `option` names the URL's origin),
-    Abandoned once the client's gate has closed."""
+    Abandoned once the client's gate has closed. `secret`: a token besides the Hub's that the
+    request carries (blotted out too); `once`: not sent again once it may have reached the Hub."""
     url += f"?{urlencode(params)}" if params else ""
     # requests re-quotes a URL (turning %2E back into ".") and collapses "." and ".."
     # segments: the request is prepared, then sent with the URL exactly as built.
@@ -1393,6 +1501,7 @@ def _send(
     sending = {} if proxies is None else {"proxies": proxies}
     with hub.watchdog.watch(what, timeout, hub.gate) as flight:
         flight.method, flight.url, flight.option = method, url, option
+        flight.once = once
         try:
             response = hub.session.send(
                 prepared, timeout=timeout, allow_redirects=False, stream=True, **sending
@@ -1402,7 +1511,8 @@ def _send(
         except requests.RequestException as exc:
             if reason := hub.gate.why_closed():
                 raise flight.abandoned(reason) from None
-            log.debug("%s %s failed: %s", method, _shown_url(url), _details(exc, hub.secret))
+            details = _details(exc, hub.secret, secret)
+            log.debug("%s %s failed: %s", method, _shown_url(url), details)
             failure = explain_error(exc, url, timeout, option, cut=flight.timed_out)
             raise _failed(what, url, failure, flight.retried) from None
         if reason := hub.gate.why_closed():
@@ -1467,17 +1577,19 @@ def _unreadable(
     return _failed(what, response.url, failure, cls=cls)
 
 
-def _message(response: requests.Response, secret: str) -> str:
+def _message(response: requests.Response, *secrets: str) -> str:
     try:
         message = _parse_json(response.content).get("message")
     except (ValueError, AttributeError):
         message = None
-    return redact(str(message), secret)[:200] if message else redact(response.reason or "", secret)
+    if message:
+        return redact(str(message), *secrets)[:200]
+    return redact(response.reason or "", *secrets)
 
 
-def _details(exc: BaseException, secret: str) -> str:
+def _details(exc: BaseException, *secrets: str) -> str:
     """Each exception `exc` wraps, by class: for DEBUG lines."""
-    return redact(" <- ".join(f"{type(e).__name__}: {e}" for e in _chain(exc)), secret)[:1000]
+    return redact(" <- ".join(f"{type(e).__name__}: {e}" for e in _chain(exc)), *secrets)[:1000]
 
 
 # ---------------------------------------------------------------------------
@@ -1971,11 +2083,12 @@ def run_pass(
             )
         if waiting and not report.fatal:
             looked = _look_inside_all(looker, waiting, policy, settings, gate, pool, now)
-            refused_is_fatal = holds_unfiltered(identity, "access:servers")
+            # A filtered `tokens` scope refuses the owners outside it one by one.
+            refused_is_fatal = holds_unfiltered(identity, "tokens")
             if looked.sent and looked.refused == looked.sent and refused_is_fatal:
                 report.fatal = (
                     f"every look inside a server ({looked.sent}) was refused (403): the token "
-                    "needs the access:servers scope, and the servers must accept it"
+                    "needs the tokens scope, and each server must accept its owner's token"
                 )
             for plan in looked.plans:
                 _take_plan(plan, plans, warnings, report)
@@ -2067,6 +2180,15 @@ def _check_hub(
 ) -> dict:
     """The token's own model, once it is known to hold every scope the pass needs ({} on a
     Hub without scopes)."""
+    if looks and not narrows_tokens(version):
+        # Any token of the owner would do all the owner may, for anyone who reads it on the way.
+        why = (
+            f"looking inside servers needs JupyterHub 3.0 or later (this Hub: {version!s:.40}), "
+            "where a token can be narrowed to one server"
+        )
+        if not settings.dry_run or settings.dry_run_looks:
+            raise HubError(why)
+        log.warning("%s: a real run would fail", why)
     if not has_scopes(version):
         # Before 2.0 a service token cannot even read its own model (GET /user fails).
         log.info("JupyterHub %s has no scopes: the token's permissions are not checked", version)
@@ -2290,19 +2412,21 @@ def _look_inside(
     url = server.get("url")
     terminals = activity = None
     try:
-        kernels, date = looker.get(url, "kernels", what)
-        if policy.activity_source == "kernels":
-            try:
-                terminals, _ = looker.get(url, "terminals", what)
-            except LookFailed as exc:
-                if exc.status != 404:  # 404: terminals are turned off on that server
-                    raise
-                terminals = []
-            if kernels == [] and terminals == []:
-                status, _ = looker.get(url, "status", what)
-                activity = status.get("last_activity") if isinstance(status, dict) else None
-                if activity is None:
-                    raise ValueError("its /api/status has no last_activity")
+        looker.api_url(url, "kernels")  # no token is made for a server whose url is unsafe
+        with _owners_token(looker.hub, user, server_name, looker.token_lifetime) as token:
+            kernels, date = looker.get(url, "kernels", what, token)
+            if policy.activity_source == "kernels":
+                try:
+                    terminals, _ = looker.get(url, "terminals", what, token)
+                except LookFailed as exc:
+                    if exc.status != 404:  # 404: terminals are turned off on that server
+                        raise
+                    terminals = []
+                if kernels == [] and terminals == []:
+                    status, _ = looker.get(url, "status", what, token)
+                    activity = status.get("last_activity") if isinstance(status, dict) else None
+                    if activity is None:
+                        raise ValueError("its /api/status has no last_activity")
         # The server's own Date: its times are judged by its clock (whole seconds, truncated).
         return read_inside(kernels, terminals, date or now, activity), 200, {}
     except LookFailed as exc:
@@ -2311,6 +2435,22 @@ def _look_inside(
         return Inside(error=str(exc)), 0, exc.fields()
     except ValueError as exc:
         return Inside(error=f"{what}: unreadable answer: {exc}"), 200, {}
+
+
+@contextlib.contextmanager
+def _owners_token(hub: HubClient, user: str, server: str, lifetime: int) -> Iterator[LookToken]:
+    """A token of the server's owner for its looks, revoked when they end: the server, which
+    its owner controls, sees only a key to itself, and only for a moment."""
+    token = hub.look_token(user, server, lifetime)
+    try:
+        yield token
+    finally:
+        try:
+            hub.revoke_token(token)
+        except HubError as exc:
+            log.warning(
+                "%s; the token expires %ds after it was made", exc, lifetime, extra=exc.fields()
+            )
 
 
 def _server_suffix(server: str | None) -> str:
@@ -3411,7 +3551,7 @@ def _check_outputs(metrics_file, pushgateway, warn_before, notify_command, state
                    "the Hub's clock (its Date header) and this machine's.")
 @click.option("--server-api-url", callback=_check_server_api_url, metavar="URL",
               help="The proxy's address as idle-cull reaches it (e.g. http://proxy-public), "
-                   "to look inside servers (needs the access:servers scope).")
+                   "to look inside servers (needs the tokens scope, JupyterHub 3.0+).")
 @click.option("--keep-busy-kernels", type=SECONDS, default=0, show_default=True,
               help="Look inside a server before stopping it for idleness; keep it while a "
                    "kernel is busy and silent for less than this many seconds (0: off).")
@@ -3494,7 +3634,7 @@ def main(ctx, url, api_token_file, timeout, max_age, cull_every, cull_users, use
                        retries=retries, verify=verify, cert=cert)
     looker = None
     if server_api_url:
-        looker = ServerClient(client, server_api_url, min(request_timeout, LOOK_TIMEOUT))
+        looker = ServerClient(client, server_api_url, min(request_timeout, LOOK_TIMEOUT), retries)
     on_terminal = sys.stderr.isatty()
     stop = threading.Event()
     with _exclusive(lock_file) as acquired, _stop_on_signals(stop), contextlib.closing(client):

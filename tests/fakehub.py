@@ -19,9 +19,12 @@ Endpoints
     DELETE /hub/api/users/{name}/server      stop the default server
     DELETE /hub/api/users/{name}/servers/{s} stop a named server; body {"remove": true} deletes it
     DELETE /hub/api/users/{name}             delete a user
+    POST   /hub/api/users/{name}/tokens      a token owned by {name} (needs tokens, or
+                                             tokens!user=NAME / tokens!group=G); see below
+    DELETE /hub/api/users/{name}/tokens/{id} revoke it (the same scope)
     GET    /user/{name}[/{server}]/api/{kernels,terminals,status}
-                                             a server's own API, as the proxy passes it on
-                                             (needs access:servers, or access:servers!user=NAME)
+                                             a server's own API, as the proxy passes it on:
+                                             only with a live token made for that very server
 
 Behaviour worth knowing when writing tests
 - Listings show only *active* servers (running, pending or stopping), as the Hub does. A stopped
@@ -53,6 +56,15 @@ A server's own API (for looks inside, as through the proxy): ``hub.set_inside(us
 kernels=[kernel("busy", 30)], terminals=[...], last_activity=iso(...))`` sets what it shows;
 unset, a ready server shows no kernels and no terminals, and its `started` as last_activity.
 Its answers carry the servers' own clock in ``Date``: the hub's plus ``server_skew`` seconds.
+It accepts only a token made through POST .../tokens for that server (``access:servers!server=
+user/name``), not revoked and not expired: the culler's own token gets 403 there, as does a token
+made for another server. Tokens (as the Hub 3.0+): the body's ``scopes`` must be
+``access:servers!server={name}/...`` (else 400 "Not assigning requested scopes ..."),
+``expires_in`` an integer, at most ``token_expires_in_max`` when that is set (else 400); the
+answer (201) has ``id``, ``token``, ``scopes`` (with the owner's name and groups, as the Hub
+adds them) and ``expires_at``. With ``narrow_tokens=False`` the fake acts as JupyterHub 2.x: it
+ignores ``scopes``, answers none, and the token reaches every server of its owner. ``hub.minted``
+lists every token made (MintedToken: owner, server, id, secret, note, expires_in, revoked).
 A path of a server that is not running is answered like the proxy and the Hub do: by the
 user's default server if it runs (404 HTML), else with a redirect to /hub/user/... (302).
 
@@ -85,9 +97,11 @@ retry can then succeed. Kinds and their params:
                    true to the real list)
     "hostile"      shape=...: a hostile body, as a user's own server (a look) or a Hub page
                    bloated by one user can send; 200, application/json (see HOSTILE_SHAPES)
+    "echo"         code=500: answers with the request's Authorization header in its JSON
+                   message and in a Location header, as a hostile server or a careless proxy
 A fault counts a use when it applies (bad_model: when the user was in the answer). Transport
-faults ("status", "hang", "drop", "malformed", "dribble") come before the auth check, like a proxy
-in front of the Hub; the other kinds change an otherwise normal answer.
+faults ("status", "hang", "drop", "malformed", "dribble", "echo") come before the auth check,
+like a proxy in front of the Hub; the other kinds change an otherwise normal answer.
 
 Hostile shapes (``hub.add_fault(match, "hostile", shape=..., ...)``), each sent as it is
 generated, so that the fake never holds it whole:
@@ -113,6 +127,7 @@ import gzip
 import itertools
 import json
 import re
+import secrets
 import ssl
 import threading
 import time
@@ -161,9 +176,10 @@ FAULT_KINDS = {
     "dribble",
     "total",
     "hostile",
+    "echo",
 }
 HOSTILE_SHAPES = {"huge", "dribble", "gzip", "deflate", "many", "deep", "dicts", "bloat"}
-_TRANSPORT_FAULTS = {"status", "hang", "drop", "malformed", "dribble"}
+_TRANSPORT_FAULTS = {"status", "hang", "drop", "malformed", "dribble", "echo"}
 
 _DEFAULT = object()
 _kernel_ids = itertools.count()
@@ -268,7 +284,8 @@ class Request:
     raw_query: str
     body: bytes
     headers: Message  # case-insensitive: headers.get("Authorization")
-    kind: str = "other"  # info, whoami, list, get_user, stop, delete_user, look, other
+    # info, whoami, list, get_user, stop, delete_user, mint, revoke, look, other
+    kind: str = "other"
     route_args: list[str] = field(default_factory=list)  # the route's groups, still encoded
     received: float = 0.0  # time.monotonic() when the request had been read
 
@@ -284,6 +301,33 @@ class Request:
     def server(self) -> str:
         """The server name the Hub reads from the path of a stop ("" is the default server)."""
         return _tornado_unquote(self.route_args[1]) if len(self.route_args) > 1 else ""
+
+    @property
+    def looked_at(self) -> tuple[str, str]:
+        """(user, server) whose own API a look reaches ("" is the default server)."""
+        server = self.route_args[1] if len(self.route_args) == 3 else ""
+        return _tornado_unquote(self.route_args[0]), _tornado_unquote(server)
+
+
+@dataclass
+class MintedToken:
+    """A token the fake made for a user (POST /hub/api/users/{name}/tokens)."""
+
+    owner: str
+    server: str | None  # the one server it reaches; None: every server of its owner (2.x)
+    id: str
+    secret: str
+    note: str | None
+    expires_in: int | None
+    made: float  # time.monotonic()
+    revoked: bool = False
+
+    def reaches(self, user: str, server: str) -> bool:
+        if self.revoked or self.owner != user:
+            return False
+        if self.expires_in is not None and time.monotonic() >= self.made + self.expires_in:
+            return False
+        return self.server is None or self.server == server
 
 
 @dataclass
@@ -341,6 +385,8 @@ class FakeHub:
         service_name: str = "idle-cull",
         tls: ssl.SSLContext | None = None,
         server_skew: float = 0.0,
+        token_expires_in_max: int = 0,
+        narrow_tokens: bool = True,
     ):
         self.version = version
         self.token = token
@@ -355,6 +401,8 @@ class FakeHub:
         self.service_name = service_name
         self.tls = tls  # serve HTTPS with this server-side context
         self.server_skew = server_skew  # the servers' own clock (their Date) off the Hub's
+        self.token_expires_in_max = token_expires_in_max  # the Hub's setting; 0: no limit
+        self.narrow_tokens = narrow_tokens  # False: new tokens ignore `scopes` (JupyterHub 2.x)
 
         self.users: dict[str, dict] = {}  # name -> user model, in creation order (= Hub's id)
         self.requests: list[Request] = []
@@ -367,6 +415,7 @@ class FakeHub:
         self.in_flight = 0
         self.peak_in_flight = 0
         self.insides: dict[tuple[str, str], dict] = {}  # (user, server) -> its own API's answers
+        self.minted: list[MintedToken] = []
 
         self._lock = threading.RLock()
         self._closing = threading.Event()
@@ -544,6 +593,7 @@ class FakeHub:
             self._slow.clear()
             self._stopping.clear()
             self.insides.clear()
+            self.minted.clear()
             self._generation += 1
 
     def clear_requests(self) -> None:
@@ -746,10 +796,93 @@ class FakeHub:
             "_pagination": {"offset": offset, "limit": limit, "total": total, "next": nxt},
         }
 
+    def _token_scope_holds(self, name: str) -> None:
+        """The `tokens` scope for user `name`: unfiltered, !user=name or !group=<one of theirs>."""
+        if self.scopes is None:
+            return
+        groups = (self.users.get(name) or {}).get("groups") or []
+        allowed = {"tokens", f"tokens!user={name}", *(f"tokens!group={g}" for g in groups)}
+        if not allowed & set(self.scopes):
+            raise _Answer(403, f"Service {name} not found or no permissions to generate tokens")
+
+    def _mint(self, req: Request) -> dict:
+        name = req.user
+        self._token_scope_holds(name)
+        if name not in self.users:
+            raise _Answer(403, f"Service {name} not found or no permissions to generate tokens")
+        try:
+            body = req.json() or {}
+        except ValueError:
+            raise _Answer(400, "Invalid JSON in body") from None
+        scopes, expires_in = body.get("scopes"), body.get("expires_in")
+        if scopes is not None and not (
+            isinstance(scopes, list) and all(isinstance(s, str) for s in scopes)
+        ):
+            raise _Answer(400, f"token scopes must be null or a list of strings, not {scopes!r}")
+        if not (expires_in is None or isinstance(expires_in, int)):
+            raise _Answer(400, f"token expires_in must be null or integer, not {expires_in!r}")
+        if self.token_expires_in_max:
+            if expires_in is None:
+                expires_in = self.token_expires_in_max
+            elif expires_in > self.token_expires_in_max:
+                raise _Answer(
+                    400,
+                    f"token expires_in: {expires_in} must not exceed {self.token_expires_in_max}",
+                )
+        server = None
+        if self.narrow_tokens:
+            prefix = f"access:servers!server={name}/"
+            wider = [s for s in scopes or [] if not s.startswith(prefix)]
+            if wider or len(scopes or []) != 1:
+                raise _Answer(
+                    400, f"Not assigning requested scopes {','.join(wider)} not held by User {name}"
+                )
+            server = scopes[0][len(prefix) :]
+        token = MintedToken(
+            owner=name,
+            server=server,
+            id=f"a{len(self.minted) + 1}",
+            secret=secrets.token_hex(16),
+            note=body.get("note"),
+            expires_in=expires_in,
+            made=time.monotonic(),
+        )
+        self.minted.append(token)
+        model: dict[str, Any] = {
+            "user": name,
+            "id": token.id,
+            "kind": "api_token",
+            "roles": [] if self.narrow_tokens else ["token"],
+            "note": token.note,
+            "token": token.secret,
+        }
+        if self.narrow_tokens:
+            model["scopes"] = [
+                f"read:users:name!user={name}",
+                *scopes,
+                f"read:users:groups!user={name}",
+            ]
+        return model
+
+    def _revoke(self, req: Request) -> None:
+        name, token_id = req.user, _tornado_unquote(req.route_args[1])
+        self._token_scope_holds(name)
+        if name not in self.users:
+            raise _Answer(404, f"No such user: {name}")
+        for token in self.minted:
+            if token.id == token_id and token.owner == name and not token.revoked:
+                token.revoked = True
+                return
+        raise _Answer(404, f"No such token {token_id} for user {name}")
+
+    def _look_allowed(self, req: Request, name: str, server_name: str) -> bool:
+        auth = (req.headers.get("Authorization") or "").split(None, 1)
+        secret = auth[1] if len(auth) == 2 and auth[0].lower() in ("token", "bearer") else None
+        return any(t.secret == secret and t.reaches(name, server_name) for t in self.minted)
+
     def _server_api(self, req: Request) -> tuple[int, bytes, dict]:
         """A server's own /api/kernels, /api/terminals or /api/status: (status, body, headers)."""
-        name = req.user
-        server_name = req.server if len(req.route_args) == 3 else ""
+        name, server_name = req.looked_at
         user = self.users.get(name)
         running = user["servers"] if user else {}
         if server_name not in running:
@@ -760,10 +893,7 @@ class FakeHub:
                     {"Content-Type": "text/html"},
                 )
             return 302, b"", {"Location": f"/hub{req.raw_path}"}
-        scopes = set(self.scopes) if self.scopes is not None else {"access:servers"}
-        allowed = {"access:servers", f"access:servers!user={name}"}
-        allowed.add(f"access:servers!server={name}/{server_name}")
-        if not scopes & allowed:
+        if not self._look_allowed(req, name, server_name):
             return 403, json.dumps({"message": "Forbidden", "reason": None}).encode(), {}
         server = running[server_name]
         inside = self.insides.get((name, server_name)) or {"kernels": [], "terminals": []}
@@ -799,6 +929,11 @@ class FakeHub:
         if req.kind == "delete_user":
             self._check_scope("delete:users")
             return self._delete_user(req.user), None
+        if req.kind == "mint":
+            return 201, self._mint(req)
+        if req.kind == "revoke":
+            self._revoke(req)
+            return 204, None
         if req.kind == "stop":
             self._check_scope("delete:servers")
             try:
@@ -823,6 +958,8 @@ _ROUTES = [
     ("DELETE", re.compile(r"/hub/api/users/([^/]+)"), "delete_user"),
     ("DELETE", re.compile(r"/hub/api/users/([^/]+)/server"), "stop"),
     ("DELETE", re.compile(r"/hub/api/users/([^/]+)/servers/([^/]*)"), "stop"),
+    ("POST", re.compile(r"/hub/api/users/([^/]+)/tokens"), "mint"),
+    ("DELETE", re.compile(r"/hub/api/users/([^/]+)/tokens/([^/]+)"), "revoke"),
     # Not the Hub's: a server's own API as the proxy passes it on (FakeHub._server_api).
     ("GET", re.compile(r"/user/([^/]+)/api/(kernels|terminals|status)"), "look"),
     ("GET", re.compile(r"/user/([^/]+)/([^/]+)/api/(kernels|terminals|status)"), "look"),
@@ -969,15 +1106,21 @@ class _Handler(BaseHTTPRequestHandler):
                 hub._closing.wait(p.get("seconds", 5.0))
                 if p.get("then", "close") == "close":
                     return self._drop()
+            if fault.kind == "echo":
+                sent = req.headers.get("Authorization") or ""
+                message = f"refused: you sent Authorization: {sent}"
+                location = {"Location": f"/hub/login?next={sent}"}
+                return self._error(p.get("code", 500), message, headers=location)
             if fault.kind == "dribble":
                 self.wfile = _Dribbling(self.wfile, p.get("interval", 0.5), hub._closing)
 
         lose_answer = fault is not None and fault.kind == "drop"  # drop(after=True)
         if req.kind == "info":
             return self._send(200, {"version": hub.version})
-        auth = (req.headers.get("Authorization") or "").split(None, 1)
-        if len(auth) != 2 or auth[0].lower() not in ("token", "bearer") or auth[1] != hub.token:
-            return self._error(403, "Missing or invalid credentials.")
+        if req.kind != "look":  # a server checks a look's token itself (_server_api)
+            auth = (req.headers.get("Authorization") or "").split(None, 1)
+            if len(auth) != 2 or auth[0].lower() not in ("token", "bearer") or auth[1] != hub.token:
+                return self._error(403, "Missing or invalid credentials.")
         with hub._lock:
             hostile = hub._take_fault(req, {"hostile"})
             if hostile is not None:

@@ -18,8 +18,9 @@ Services and their roles (tokens are random per hub, passed to the Hub in its en
                      --cull-users (read:users shows `created`)
   idle-culler-groups  CULLER_SCOPES + read:users:groups (for --exclude-group, as the README says)
   culler-no-<scope>  CULLER_SCOPES minus one scope (see lacking()), for the missing-scope error
-  idle-culler-looks  CULLER_SCOPES + access:servers, to look inside servers (README)
-  idle-culler-looks-one  CULLER_SCOPES + access:servers!user=one: a filtered role
+  idle-culler-looks  CULLER_SCOPES + tokens, to look inside servers (README): each look with a
+                     token it has the Hub make for the server's owner
+  idle-culler-looks-one  CULLER_SCOPES + tokens!user=one: a filtered role
 
 Real servers (spawner="simple") report their activity to the Hub every 2 s, and `start_kernel`
 and `run_code` drive their kernels over REST and the kernel websocket, as a browser would.
@@ -301,12 +302,12 @@ class RealHub:
             },
             {
                 "name": "idle-culler-looks",
-                "scopes": [*CULLER_SCOPES, "access:servers"],
+                "scopes": [*CULLER_SCOPES, "tokens"],
                 "services": ["idle-culler-looks"],
             },
             {
                 "name": "idle-culler-looks-one",
-                "scopes": [*CULLER_SCOPES, "access:servers!user=one"],
+                "scopes": [*CULLER_SCOPES, "tokens!user=one"],
                 "services": ["idle-culler-looks-one"],
             },
         ]
@@ -327,6 +328,11 @@ class RealHub:
                 {"name": "managed-culler", "scopes": CULLER_SCOPES, "services": ["managed-culler"]}
             )
         return roles, services
+
+    def home(self, user):
+        """The home of a user's real server (spawner="simple"): its HOME, its working
+        directory, and where its own ~/.jupyter config is read from."""
+        return self.workdir / "homes" / user
 
     def _spawner_config(self):
         if self.spawner == "light":

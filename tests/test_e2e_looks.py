@@ -6,6 +6,10 @@ One Hub for the module. A server is idle by the Hub once nothing has passed the 
 culler's --timeout (the Hub takes the proxy's activity every 2 s, the servers report theirs
 every 2 s). Every look passes the proxy too, and so counts as activity at the Hub: a test that
 looks twice waits for the Hub to call the server idle again in between.
+
+Each look carries a token the Hub makes for the server's owner, for that server only, revoked
+after its looks (issue 17): a user's server that records what it is sent gets nothing it could
+use anywhere else, nor later.
 """
 
 import re
@@ -73,9 +77,9 @@ def test_a_long_computation_is_kept_while_busy_and_stopped_when_stuck(hub):
     assert [k["execution_state"] for k in hub.kernels("starter")] == ["starting"]
     time.sleep(IDLE_AFTER)
 
-    # A token without access:servers cannot look: refused before anything is done.
+    # A token without the tokens scope cannot look: refused before anything is done.
     refused = cull(hub, "--keep-busy-kernels=600", token="idle-culler", expect=3)
-    assert "access:servers" in refused.stderr
+    assert "the token lacks the scope(s) tokens needed to cull" in refused.stderr
     # Today's rule: the Hub sees nothing of the computation and stops the server.
     today = cull(hub, "--exclude-user=calc", "--exclude-user=starter")
     assert stopped(today) == {("plain", "")}
@@ -138,7 +142,7 @@ def test_a_polling_tab_keeps_a_server_only_by_the_hubs_activity(hub):
 
 
 def test_a_filtered_role_looks_only_where_it_may(hub):
-    """access:servers!user=one: the other servers answer 403; the Hub's verdict stands there."""
+    """tokens!user=one: the Hub makes no token of the others (403); its verdict stands there."""
     start_servers(hub, ("one", ""), ("two", ""))
     for user in ("one", "two"):
         hub.run_code(user, "", hub.start_kernel(user), SLEEP, until="busy")
@@ -149,7 +153,10 @@ def test_a_filtered_role_looks_only_where_it_may(hub):
     assert hub.snapshot() == {"one": {"": "ready"}, "two": {}}
     assert kept(result)[("one", "")]["inside"]["busy"] == 1
     error = result.json["actions"][0]["inside"]["error"]
-    assert error.endswith("HTTP 403 Forbidden"), error
+    assert error == (
+        "making a token of two to look inside two/: HTTP 403 Service two not found or no "
+        "permissions to generate tokens"
+    ), error
     assert "could not look inside user=two server=(default)" in result.stderr
 
     # The Hub's own port does not pass /user/... on: looks sent there fail, the Hub decides.
@@ -162,3 +169,66 @@ def test_a_filtered_role_looks_only_where_it_may(hub):
     seen = {**kept(wrong), **{(a["user"], a["server"]): a for a in wrong.json["actions"]}}
     assert "HTTP 302 Found (to /hub/user/one/api/kernels" in seen[("one", "")]["inside"]["error"]
     assert hub.snapshot() == {"one": {"": "ready"}, "two": {}}
+
+
+# What a user can put in their own ~/.jupyter/jupyter_server_config.py: their server runs it at
+# its start, and here it keeps every credential the server is sent.
+RECORDER = """
+import os
+import tornado.httputil
+
+_init = tornado.httputil.HTTPServerRequest.__init__
+
+
+def _recording(self, *args, **kwargs):
+    _init(self, *args, **kwargs)
+    credential = self.headers.get("Authorization")
+    if credential:
+        with open(os.path.expanduser("~/recorded-credentials"), "a") as recorded:
+            recorded.write(credential + "\\n")
+
+
+tornado.httputil.HTTPServerRequest.__init__ = _recording
+"""
+
+
+def test_a_server_that_records_its_requests_gets_only_a_key_to_itself_and_only_for_a_moment(hub):
+    """The spy's servers record the credentials of every request they are sent; each one is
+    then tried where it could hurt: the Hub's API and another user's server."""
+    home = hub.home("spy")
+    (home / ".jupyter").mkdir(parents=True, exist_ok=True)
+    (home / ".jupyter" / "jupyter_server_config.py").write_text(RECORDER)
+    (home / "recorded-credentials").unlink(missing_ok=True)
+    start_servers(hub, ("spy", ""), ("spy", "lab"), ("victim", ""))
+    victims_files = f"{hub.server_url('victim')}api/contents"
+    assert hub.session.get(victims_files).status_code == 200  # there is something to read
+    time.sleep(TIMEOUT)  # older than the timeout: looked at, with every request a look makes
+
+    result = cull(hub, "--activity-source=kernels", "--exclude-user=victim")
+
+    looked = {**kept(result), **{(a["user"], a["server"]): a for a in result.json["actions"]}}
+    for server in ("", "lab"):  # no kernel, no terminal: kernels, terminals and status asked
+        assert looked[("spy", server)]["inside"]["error"] is None, looked[("spy", server)]
+    recorded = set((home / "recorded-credentials").read_text().splitlines())
+    assert len(recorded) == 2, recorded  # one token per server, for all of its looks
+    assert not [r for r in recorded if hub.tokens["idle-culler-looks"] in r]
+    for credential in recorded:
+        auth = {"Authorization": credential}
+        tries = {
+            "list users": hub.api("GET", "/users", headers=auth),
+            "read another user's tokens": hub.api("GET", "/users/victim/tokens", headers=auth),
+            "stop another user's server": hub.api("DELETE", "/users/victim/server", headers=auth),
+            "read another user's files": requests.get(
+                victims_files, headers=auth, allow_redirects=False, timeout=30
+            ),
+            # Revoked once its looks ended: the Hub no longer knows it at all.
+            "say whose it is": hub.api("GET", "/user", headers=auth),
+        }
+        assert {what: answer.status_code for what, answer in tries.items()} == {
+            what: 403 for what in tries
+        }
+    assert hub.snapshot()["victim"] == {"": "ready"}
+    # Nothing left in the Hub's token table: every token made for a look was revoked.
+    for user in ("spy", "victim"):
+        notes = [t["note"] for t in hub.api("GET", f"/users/{user}/tokens").json()["api_tokens"]]
+        assert not [note for note in notes if note and note.startswith("idle-cull")], notes

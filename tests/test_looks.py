@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from idle_cull import Inside, Policy, read_inside, server_verdict
 
-LOOK_SCOPES = [*CULLER_SCOPES, "access:servers"]
+LOOK_SCOPES = [*CULLER_SCOPES, "tokens"]
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 IDLE, ACTIVE = 3600, 30  # seconds since the Hub's last activity, against --timeout 600
 
@@ -246,6 +246,21 @@ def acted(result):
     return {(a["user"], a["server"]): a for a in result.json["actions"]}
 
 
+def assert_owners_keys(hub):
+    """The culler's token went to the Hub only; each look carried a token made for its owner
+    and for that very server; every token made was revoked."""
+    made = {token.secret: token for token in hub.minted}
+    for request in hub.requests:
+        scheme, _, credential = (request.headers.get("Authorization") or "").partition(" ")
+        assert scheme == "token", request.raw_path
+        if request.kind == "look":
+            token = made[credential]  # a KeyError: not a token the Hub made for a look
+            assert (token.owner, token.server) == request.looked_at, request.raw_path
+        else:
+            assert credential == TOKEN, request.raw_path
+    assert all(token.revoked for token in hub.minted)
+
+
 def test_keep_busy_kernels_keeps_computations_and_stops_the_stuck(hub):
     hub.add_user("computing", servers={"": idle_server()})
     hub.set_inside("computing", "", kernels=[kernel("busy", 3000), kernel("idle", 4000)])
@@ -269,7 +284,8 @@ def test_keep_busy_kernels_keeps_computations_and_stops_the_stuck(hub):
         "/user/stuck/api/kernels",
     ]
     assert all(r.query == {"no_track_activity": "1"} for r in hub.requests if r.kind == "look")
-    assert all(r.headers["Authorization"] == f"token {TOKEN}" for r in hub.requests)
+    assert_owners_keys(hub)
+    assert hub.counts["mint"] == hub.counts["revoke"] == 4
     saved = kept(result)[("computing", "")]
     assert (
         "silent 2999s < keep-busy-kernels 4000s" in saved["reason"]
@@ -388,27 +404,33 @@ def test_a_stopped_named_server_is_not_read_from_the_default_one(hub):
     assert acted(result)[("u", "gpu")]["inside"]["error"].endswith("HTTP 404 Not Found")
 
 
-def test_403_on_every_look_is_a_configuration_error(hub_factory):
-    # The token holds access:servers, but no server accepts it.
+@pytest.mark.parametrize("refused", [("GET", "^/user/"), ("POST", "/tokens$")])
+def test_403_on_every_look_is_a_configuration_error(hub_factory, refused):
+    # The token holds tokens, but no server accepts its owner's token, or the Hub makes none.
     hub = hub_factory(scopes=LOOK_SCOPES)
     for name in ("a", "b", "c"):
         hub.add_user(name, servers={"": idle_server()})
-    hub.add_fault(("GET", "^/user/"), "status", code=403)
+    hub.add_fault(refused, "status", code=403)
     result = looking(hub, "--keep-busy-kernels=3600")
     assert result.exit_code == 3, result.stderr
     assert "every look inside a server (3) was refused (403)" in result.stderr
-    assert hub.deletes() == []
+    assert "the token needs the tokens scope" in result.stderr
+    assert hub.stops == [] and hub.counts["stop"] == 0
 
 
 def test_403_for_servers_outside_a_filtered_scope_is_per_server(hub_factory):
-    hub = hub_factory(scopes=[*CULLER_SCOPES, "access:servers!user=alice"])
+    hub = hub_factory(scopes=[*CULLER_SCOPES, "tokens!user=alice"])
     for name in ("alice", "bob"):
         hub.add_user(name, servers={"": idle_server()})
         hub.set_inside(name, "", kernels=[kernel("busy", 60)])
     result = looking(hub, "--keep-busy-kernels=3600")
     assert result.exit_code == 0, result.stderr
     assert hub.stops == [("bob", "")]  # not seen: the Hub's verdict
-    assert "HTTP 403" in acted(result)[("bob", "")]["inside"]["error"]
+    assert acted(result)[("bob", "")]["inside"]["error"] == (
+        "making a token of bob to look inside bob/: HTTP 403 Service bob not found or no "
+        "permissions to generate tokens"
+    )
+    assert [(t.owner, t.server) for t in hub.minted] == [("alice", "")]
 
     # Every look of this pass falls outside the filter: still no configuration error.
     hub.set_inside("alice", "", kernels=[kernel("idle", 60)])
@@ -418,18 +440,19 @@ def test_403_for_servers_outside_a_filtered_scope_is_per_server(hub_factory):
     assert hub.stops == [("bob", ""), ("carol", "")]
 
 
-def test_without_access_servers_exit_3_naming_it(hub_factory):
-    hub = hub_factory(scopes=CULLER_SCOPES)
+def test_without_the_tokens_scope_exit_3_naming_it(hub_factory):
+    # access:servers, which looks once needed, is no longer enough (nor asked for).
+    hub = hub_factory(scopes=[*CULLER_SCOPES, "access:servers"])
     hub.add_user("u", servers={"": idle_server()})
     for option in ("--keep-busy-kernels=3600", "--activity-source=kernels"):
         result = looking(hub, option)
         assert result.exit_code == 3, result.stderr
-        assert "access:servers" in result.stderr
-    assert hub.deletes() == [] and looks(hub) == []
+        assert "the token lacks the scope(s) tokens needed to cull" in result.stderr
+    assert hub.deletes() == [] and looks(hub) == [] and hub.minted == []
     # --server-api-url alone asks for it too; a dry run that sends no look does not.
     assert looking(hub).exit_code == 3
     dry = looking(hub, "--keep-busy-kernels=3600", "--dry-run")
-    assert dry.exit_code == 0 and "lacks access:servers: a real run would fail" in dry.stderr
+    assert dry.exit_code == 0 and "lacks tokens: a real run would fail" in dry.stderr
     assert looking(hub, "--keep-busy-kernels=3600", "--dry-run", "--dry-run-looks").exit_code == 3
 
 
@@ -450,7 +473,10 @@ def test_a_dry_run_sends_no_look_unless_asked_and_says_what_a_look_would_decide(
 
     sent = looking(hub, "--keep-busy-kernels=3600", "--dry-run", "--dry-run-looks")
     assert sent.exit_code == 0, sent.stderr
-    assert looks(hub) == ["/user/u/api/kernels"] and hub.deletes() == []
+    assert looks(hub) == ["/user/u/api/kernels"] and hub.stops == []
+    # The look's token is made and revoked: the only DELETE, and nothing else changed.
+    assert hub.deletes() == [("DELETE", "/hub/api/users/u/tokens/a1")]
+    assert_owners_keys(hub)
     assert sent.json["actions"] == [] and "silent" in kept(sent)[("u", "")]["reason"]
 
 
