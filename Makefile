@@ -96,8 +96,10 @@ demo: install $(CHP)
 
 # --- Benchmark (issue 6; not part of `make test`) ---
 # Ours against the upstream jupyterhub-idle-culler 2.0.0, which gets a venv of its own.
-# Prints the results table and PASS/FAIL per target (exit 1 on a FAIL); about 2 minutes. Sizes
-# are user counts; the 100,000-user runs add about 18 minutes: make bench SIZES=1000,10000,100000
+# Prints the results table and PASS/FAIL per target (exit 1 on a FAIL); about 2 minutes, with
+# the looks row (1,000 servers looked inside, each with a token of its owner made for it and
+# revoked after: 3.5 requests per server; target 1.5x the bound). Sizes are user counts; the
+# 100,000-user runs add about 18 minutes: make bench SIZES=1000,10000,100000
 # REPEAT=3 shows the median of 3 runs (this machine is shared; single runs vary by ~15%).
 BENCH_VENV := .bench-venv/upstream
 SIZES ?= 1000,10000
