@@ -9,6 +9,7 @@ from urllib.parse import quote
 
 import pytest
 import requests
+from conftest import TOKEN
 from fakehub import PAGINATION_MEDIA_TYPE, iso, server
 
 PAGED = {"Accept": PAGINATION_MEDIA_TYPE}
@@ -202,3 +203,47 @@ def test_a_bloated_user_model_is_theirs_alone(hub_factory):
     assert items["b"]["servers"][""]["user_options"] == {"pad": "a" * 5000}
     assert items["a"]["servers"][""]["user_options"] == {}
     assert hub.users["b"]["servers"][""]["user_options"] == {}  # the Hub's own model unchanged
+
+
+def test_a_servers_api_takes_only_a_live_token_made_for_it(hub_factory):
+    """As JupyterHub 3.0+ and a single-user server: a token of the owner, for that server."""
+    hub = hub_factory(scopes=["tokens!user=alice"], token_expires_in_max=60)
+    hub.add_user("alice", servers={"": server(), "gpu": server()})
+    hub.add_user("bob", servers={"": server()})
+    culler = {"Authorization": f"token {TOKEN}"}
+
+    def mint(user, scopes, expires_in=30):
+        body = {"scopes": scopes, "expires_in": expires_in, "note": "n"}
+        return requests.post(
+            f"{hub.url}/users/{user}/tokens", json=body, headers=culler, timeout=10
+        )
+
+    def look(path, secret):
+        headers = {"Authorization": f"token {secret}"}
+        answer = requests.get(f"{hub.base_url}{path}api/kernels", headers=headers, timeout=10)
+        return answer.status_code
+
+    made = mint("alice", ["access:servers!server=alice/"])
+    assert made.status_code == 201
+    model = made.json()
+    assert "access:servers!server=alice/" in model["scopes"] and model["user"] == "alice"
+    assert look("/user/alice/", model["token"]) == 200
+    assert look("/user/alice/gpu/", model["token"]) == 403  # another server of the owner
+    assert look("/user/bob/", model["token"]) == 403
+    assert look("/user/alice/", TOKEN) == 403  # the culler's own token
+    # Refused: another user (outside tokens!user=alice), scopes the owner does not hold, too long.
+    assert mint("bob", ["access:servers!server=bob/"]).status_code == 403
+    assert mint("alice", ["access:servers!server=bob/"]).status_code == 400
+    assert mint("alice", ["access:servers"]).status_code == 400
+    too_long = mint("alice", ["access:servers!server=alice/"], expires_in=61)
+    assert too_long.json()["message"] == "token expires_in: 61 must not exceed 60"
+    # Revoked, then gone; an expired token is refused.
+    revoke = f"{hub.url}/users/alice/tokens/{model['id']}"
+    assert requests.delete(revoke, headers=culler, timeout=10).status_code == 204
+    assert look("/user/alice/", model["token"]) == 403
+    again = requests.delete(revoke, headers=culler, timeout=10)
+    assert again.json()["message"] == f"No such token {model['id']} for user alice"
+    short = mint("alice", ["access:servers!server=alice/"], expires_in=1).json()
+    assert look("/user/alice/", short["token"]) == 200
+    time.sleep(1.1)
+    assert look("/user/alice/", short["token"]) == 403
