@@ -2748,9 +2748,10 @@ JSON_LOG_FIELDS = ("user", "server", "reason", "idle_s", "age_s", "inside")
 FAILURE_LOG_FIELDS = ("cause", "url", "status", "hint")
 RETRY_LOG_FIELDS = ("attempt", "retries", "delay_s", "retry_after_s")
 # What could end a line or drive a terminal: C0 controls, DEL, C1 controls (U+0085 ends a line
-# for some readers, U+009B starts an escape sequence), and the Unicode line and paragraph
-# separators.
-CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# for some readers, U+009B starts an escape sequence), the Unicode line and paragraph
+# separators, and the bidirectional overrides and isolates, which make a terminal show the rest
+# of a line in another order than it was written.
+CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def one_line(text: str) -> str:

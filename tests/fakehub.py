@@ -990,6 +990,8 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     server: _HTTPServer
     from_proxy = False  # this answer is a proxy's own: no X-JupyterHub-Version
+    # Also before _handle: a request line that cannot be parsed is answered from here.
+    from_server = False
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         pass  # tests read hub.requests instead

@@ -495,11 +495,12 @@ NAMES = [
     "line\u2028separator",
     "para\u2029graph",
     "csi\x9b31m",
+    "bidi\u202eevil\u2066isolate\u2069",
     "nul\x00tab\t",
     "all" + FORGED + "\r\x1b[2J\x7f\x85\u2028",
 ]
 # What may still end a line or drive a terminal in the text log (its lines end with \n).
-RAW = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+RAW = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 LINE_START = r"\[(DEBUG|INFO|WARNING|ERROR) \d{4}-\d\d-\d\d [\d:,]+ idle-cull\] "
 HTTP_DEBUG = re.compile(r"Starting new HTTP connection|\] http://127\.0\.0\.1:\d+ |^http://")
 
