@@ -2,7 +2,8 @@
 
 The file has four parts, in this order:
   1. decisions: pure functions from a user model, a policy and "now" to a plan (no I/O);
-  2. the Hub client: the only place that speaks HTTP;
+  2. the Hub client: the only place that speaks HTTP, with as many requests in flight as the
+     Hub's answer times allow (Limiter: pure, fed those times);
   3. the pass: list users, plan, carry the plan out concurrently, report (warnings, metrics);
   4. the command line: parse, validate, wire the parts together.
 """
@@ -1080,6 +1081,148 @@ class _CappedRetry(Retry):
         )
 
 
+# A round trip whose answers took (by their upper median) LIMIT_FAST times the fastest of their
+# kind or less shows a Hub that is not queueing; LIMIT_SLOW times or more, one that is.
+LIMIT_FAST = 1.25
+LIMIT_SLOW = 1.5
+LIMIT_START = 2  # the first round trip tries two at once (pages 2 and 3, say)
+SLOW_START = 4  # until the Hub first queues, the limit is multiplied by this each round trip
+PATIENCE_GROWTH = 8  # after each try of two that made the Hub queue, wait 8 times longer
+
+
+class Limiter:
+    """How many requests may be in flight to the Hub, from how long it takes to answer them.
+
+    JupyterHub serves its API from one thread: requests beyond the one it is serving wait in its
+    queue, in front of its users' own clicks, and are answered no sooner. Each answer is compared
+    with the fastest of its kind (the same request and status, so that a page of users is never
+    compared with a stop; the first of a kind is not judged), and the limit is judged once per
+    round trip, when as many answers to requests sent under it as it allows have come:
+    - their upper median within LIMIT_FAST times the fastest, the limit in use: it grows,
+      fourfold until the Hub first queues (slow start: 2, 8, 32), then by one every `patience`
+      round trips; `patience` grows eightfold each time one more made the Hub queue so that the
+      limit fell back to 1, so that a Hub that serves one at a time is seldom tried with two.
+      Once one more does not make it queue, patience is 1 again and growth fourfold, up to one
+      short of where the Hub last queued (if that is not where it is now);
+    - LIMIT_SLOW times or more: the Hub is queueing. After one round trip with one request alone
+      (the fastest of a kind first seen beside others may itself have waited), the limit is
+      divided by that factor: n requests in flight at a Hub that serves one at a time are
+      answered about n times slower, so it comes back to about 1.
+    A lost answer (none, 429 or 5xx) is slow. Requests that cost the Hub next to nothing (its
+    version: 0.7 ms of its CPU, the token's own model: 2.6 ms, where a stop takes 21 ms) are
+    held to the ceiling only, and not judged. Fixed, the limit is the ceiling. No clock and no
+    I/O: the Hub client tells it, under its own lock, what it sends and how long each answer took.
+    """
+
+    def __init__(self, ceiling: int, fixed: bool = False):
+        self.ceiling, self.fixed = ceiling, fixed
+        self.limit = ceiling if fixed else min(LIMIT_START, ceiling)
+        self.in_flight = 0
+        self.cheap_in_flight = 0
+        self.sent_under: dict[int, int] = {}  # requests sent under each limit
+        self._fastest: dict[object, float] = {}
+        self._round = 0  # only answers to requests sent this round are judged
+        self._ratios: list[float] = []  # this round's answers, over the fastest of their kind
+        # How many were in flight when each of them was sent: only answers to requests sent with
+        # the limit full show that it does not make the Hub queue (two sent one after the other
+        # need not wait for each other).
+        self._sent_with: list[int] = []
+        self._slow_start = True
+        self._fast_rounds = 0
+        self._patience = 1
+        self._tried = True  # the limit is one not yet judged (the start: 2)
+        self._resume = 0  # the limit to go back to after a round alone
+        self._queued_at = ceiling + 1  # the limit under which the Hub last queued
+
+    def may_send(self, cheap: bool = False) -> bool:
+        within = self.in_flight + self.cheap_in_flight < self.ceiling
+        return within and (cheap or self.in_flight < self.limit)
+
+    def sent(self, cheap: bool = False) -> tuple[int, int] | None:
+        """A request is sent: its ticket, to be given back with its answer."""
+        if cheap:
+            self.cheap_in_flight += 1
+            return None
+        self.in_flight += 1
+        self.sent_under[self.limit] = self.sent_under.get(self.limit, 0) + 1
+        return self._round, self.in_flight
+
+    def answered(self, ticket: tuple[int, int] | None, kind: object, seconds: float | None):
+        """The answer to a request of `kind` came after `seconds` (math.inf: it was lost; None:
+        the request was cut short and says nothing about the Hub)."""
+        if ticket is None:
+            self.cheap_in_flight -= 1
+            return
+        self.in_flight -= 1
+        if self.fixed or seconds is None:
+            return
+        ratio = math.inf
+        if seconds < math.inf:
+            fastest = self._fastest.get(kind)
+            self._fastest[kind] = seconds if fastest is None else min(fastest, seconds)
+            if fastest is None:
+                return
+            ratio = seconds / self._fastest[kind] if self._fastest[kind] > 0 else 1.0
+        sent_in, sent_with = ticket
+        if sent_in != self._round:
+            return  # sent under another limit
+        self._ratios.append(ratio)
+        self._sent_with.append(sent_with)
+        if len(self._ratios) < self.limit:
+            return
+        slowness = sorted(self._ratios)[len(self._ratios) // 2]
+        # Slow start takes a round trip that used half the limit (as TCP's does); a try of one
+        # more, one that kept it full all along.
+        if self._slow_start:
+            in_use = 2 * max(self._sent_with) >= self.limit
+        else:
+            in_use = min(self._sent_with) >= self.limit
+        if self._resume:
+            # The round alone is over: its answers waited for no one of ours.
+            self.limit = self._resume if slowness < LIMIT_SLOW else 1
+            self._resume = 0
+        elif slowness >= LIMIT_SLOW:
+            self._resume = max(1, min(self.limit - 1, int(self.limit / slowness)))
+            self._queued_at = self.limit
+            self.limit = 1
+            self._slow_start, self._fast_rounds = False, 0
+            if self._tried and self._resume == 1:
+                self._patience *= PATIENCE_GROWTH  # the Hub takes only one at a time
+            self._tried = False
+        elif slowness <= LIMIT_FAST and in_use:
+            if self._tried:
+                # One more works: quickly back to just short of where the Hub last queued, or
+                # further if this is where it queued (it was busy, or those were heavier).
+                self._patience = 1
+                if self.limit >= self._queued_at:
+                    self._queued_at = self.ceiling + 1
+                self._slow_start = self.limit + 1 < self._queued_at
+            self._fast_rounds += 1
+            self._tried = False
+            if self.limit < self.ceiling and (
+                self._slow_start or self._fast_rounds >= self._patience
+            ):
+                if self._slow_start:
+                    self.limit = min(SLOW_START * self.limit, self._queued_at - 1)
+                    self._slow_start = self.limit + 1 < self._queued_at
+                else:
+                    self.limit = min(self.ceiling, self.limit + 1)
+                self._fast_rounds, self._tried = 0, True
+        self._round += 1
+        self._ratios, self._sent_with = [], []
+
+    def used(self) -> dict:
+        """For the report: the limit most requests were sent under, and the least and most."""
+        counts = self.sent_under or {self.limit: 0}
+        return {
+            "ceiling": self.ceiling,
+            "fixed": self.fixed,
+            "settled": max(counts, key=lambda limit: (counts[limit], -limit)),
+            "least": min(counts),
+            "most": max(counts),
+        }
+
+
 class HubClient:
     def __init__(
         self,
@@ -1096,6 +1239,9 @@ class HubClient:
         self.timeout = request_timeout
         # Set for each pass: past it no request starts, and none in flight is used.
         self.gate = _Gate(threading.Event(), 0)
+        # Set for each pass too: how many requests may be in flight (at most `concurrency`).
+        self.limiter = Limiter(concurrency)
+        self._permits = threading.Condition()
         self.watchdog = _Watchdog()
         self._clock_anchor: tuple[datetime, float] | None = None
         self._clock_lock = threading.Lock()
@@ -1155,11 +1301,39 @@ class HubClient:
         what: str,
         params: dict | None = None,
         headers: dict | None = None,
+        kind: str | None = None,
+        cheap: bool = False,
         **kwargs,
     ) -> requests.Response:
+        """A request to the Hub, sent once the limiter has room for it. `kind` names what it
+        asks for (with the answer's status, what the limiter compares like with like); `cheap`:
+        it costs the Hub next to nothing, and is held to the ceiling only."""
         url = self._wire_base + path
         headers = {**self._auth, **(headers or {})}
-        response = _send(self, method, url, what, self.timeout, params, headers=headers, **kwargs)
+        limiter = self.limiter  # the answer goes back to it, should a new pass have begun
+        with self._permits:
+            while not limiter.may_send(cheap) and not self.gate.why_closed():
+                self._permits.wait(TICK)
+            ticket = limiter.sent(cheap)
+        started = time.monotonic()
+        answer, seconds = None, math.inf  # lost, unless an answer comes
+        try:
+            response = _send(
+                self, method, url, what, self.timeout, params, headers=headers, **kwargs
+            )
+            status = response.status_code
+            if status != 429 and status < 500:
+                answer = (kind or method, status)
+                seconds = time.monotonic() - started
+        except Abandoned:
+            seconds = None  # cut short by the end of the pass: it says nothing about the Hub
+            raise
+        finally:
+            with self._permits:
+                limiter.answered(ticket, answer, seconds)
+                # Wake as many as may now start, not all (one thread switch each); a cheap
+                # request that is not woken looks again within a TICK.
+                self._permits.notify(max(1, limiter.limit - limiter.in_flight))
         self._note_hub_date(response)
         return response
 
@@ -1217,12 +1391,12 @@ class HubClient:
 
     def info(self) -> dict:
         what = "reading the Hub's version"
-        model = self._json(self._request("GET", "/", what), what)
+        model = self._json(self._request("GET", "/", what, kind="version", cheap=True), what)
         return model if isinstance(model, dict) else {}
 
     def identity(self) -> dict:
         what = "reading the token's own model"
-        model = self._json(self._request("GET", "/user", what), what)
+        model = self._json(self._request("GET", "/user", what, kind="identity", cheap=True), what)
         return model if isinstance(model, dict) else {}
 
     def list_users(self, state: str | None, offset: int, limit: int) -> tuple[list, dict | None]:
@@ -1235,7 +1409,12 @@ class HubClient:
         what = f"listing users (state={state or 'any'}, offset={offset})"
         answer = self._json(
             self._request(
-                "GET", "/users", what, params=params, headers={"Accept": PAGINATION_MEDIA_TYPE}
+                "GET",
+                "/users",
+                what,
+                params=params,
+                kind=f"list {state}",
+                headers={"Accept": PAGINATION_MEDIA_TYPE},
             ),
             what,
         )
@@ -1257,13 +1436,14 @@ class HubClient:
             path = f"/users/{_segment(user)}/server"
             what = f"stopping the default server of {user}"
             gone = HUB_NOT_FOUND
-        response = self._request("DELETE", path, what, json={"remove": True} if remove else None)
+        body = {"remove": True} if remove else None
+        response = self._request("DELETE", path, what, kind="stop", json=body)
         return self._action_result(response, what, gone)
 
     def server_active(self, user: str, server: str) -> bool:
         """Is the server still running or stopping? (The Hub lists only active servers.)"""
         what = f"looking at user {user}"
-        response = self._request("GET", f"/users/{_segment(user)}", what)
+        response = self._request("GET", f"/users/{_segment(user)}", what, kind="user")
         if _is_hub_404(response, HUB_NOT_FOUND):
             return False  # the user is gone, and so is the server
         model = self._json(response, what)
@@ -1274,7 +1454,7 @@ class HubClient:
 
     def delete_user(self, user: str) -> str:
         what = f"deleting user {user}"
-        response = self._request("DELETE", f"/users/{_segment(user)}", what)
+        response = self._request("DELETE", f"/users/{_segment(user)}", what, kind="delete_user")
         return self._action_result(response, what, HUB_NOT_FOUND)
 
     def look_token(self, user: str, server: str, lifetime: int) -> LookToken:
@@ -1286,7 +1466,9 @@ class HubClient:
         body = {"scopes": [asked], "expires_in": lifetime, "note": f"idle-cull look at {where}"}
         made = f"a token made, if any, expires in {lifetime}s"
         try:
-            response = self._request("POST", f"/users/{_segment(user)}/tokens", what, json=body)
+            response = self._request(
+                "POST", f"/users/{_segment(user)}/tokens", what, kind="make_token", json=body
+            )
         except HubError as exc:  # the Hub may have made it and lost the answer
             raise HubError(f"{exc}; {made}", failure=exc.failure, what=what, url=exc.url) from None
         if response.status_code != 201:
@@ -1320,7 +1502,7 @@ class HubClient:
         path = f"/users/{_segment(token.user)}/tokens/{_segment(token.id)}"
         # Sent once: the Hub gives a revoked token's id to the next token it makes, and a retry
         # after a lost answer could revoke a token its owner has made since.
-        response = self._request("DELETE", path, what, once=True)
+        response = self._request("DELETE", path, what, kind="revoke_token", once=True)
         # 404: gone already (expired, or revoked by its owner).
         gone = (f"No such token {token.id} for user {token.user}",)
         if response.status_code != 204 and not _is_hub_404(response, gone):
@@ -1600,6 +1782,10 @@ NOTIFY_TIMEOUT = 30  # seconds one --notify-command may take
 PUSH_TIMEOUT = 10  # seconds for each read (and the connection) of a push to --pushgateway
 # The environment --notify-command gets (and LC_*): what finds programs, the user, the language.
 NOTIFY_ENV = frozenset({"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR"})
+# Users per page of the listing: the Hub builds a page in one go, its one thread held meanwhile
+# (9 ms plus 0.3 ms a user of its CPU; a stop takes 21 ms), so a user waits behind a page of 50
+# about as long as behind a stop (README: How many requests at once).
+PAGE_SIZE = 50
 STOP_POLL_INTERVAL = 1.0  # seconds between looks at a server that is stopping
 ABANDON_GRACE = 2.0  # seconds a cut-short pass waits for the requests it cut to say so
 
@@ -1659,6 +1845,7 @@ class Report:
     kept: list[dict] | None = None  # only when asked for: one entry per server or user kept
     servers_hidden: int = 0  # users listed without their servers (SERVERS_HIDDEN)
     clocks: dict[str, datetime | None] = field(default_factory=dict)  # "hub" and "local"
+    concurrency: dict = field(default_factory=dict)  # Limiter.used(): requests in flight
 
     def count(self, actions: tuple[str, ...], results: tuple[str, ...]) -> int:
         return sum(1 for o in self.outcomes if o.action in actions and o.result in results)
@@ -1699,14 +1886,16 @@ class Report:
             "kept": self.kept or [],
             # The pass's "now" is the earlier of the two (null: the Hub sent no readable Date).
             "clocks": {key: when and when.isoformat() for key, when in self.clocks.items()},
+            "concurrency": self.concurrency,
             "errors": errors + self.errors,
         }
 
 
 @dataclass(frozen=True)
 class PassSettings:
-    concurrency: int = 10
-    page_size: int = 0
+    concurrency: int = 10  # the most requests in flight to the Hub
+    fixed_concurrency: bool = False  # always that many, whatever the Hub's answer times
+    page_size: int = 0  # 0: the Hub's default
     dry_run: bool = False
     max_runtime: float = 0
     wait_for_stop: float = 0
@@ -2019,6 +2208,7 @@ def run_pass(
     progress = progress or Progress()
     report = Report(dry_run=settings.dry_run, kept=[] if settings.report_kept else None)
     gate = client.gate = _Gate(stop, settings.max_runtime)
+    client.limiter = Limiter(settings.concurrency, fixed=settings.fixed_concurrency)
     plans: dict[str, UserPlan] = {}
     warnings: list[tuple[str, str, Verdict]] = []
     waiting: list[tuple[dict, tuple[str, ...]]] = []  # users to plan again after looking inside
@@ -2102,6 +2292,7 @@ def run_pass(
     if policy.warn_before and not report.fatal and now is not None:
         _send_warnings(warnings, now, client, settings, gate, report)
     report.incomplete = None if report.fatal else gate.why_closed()
+    report.concurrency = client.limiter.used()
     report.duration = time.monotonic() - started
     return report
 
@@ -2663,6 +2854,9 @@ def summary_line(report: Report) -> str:
         f"named servers removed={s['named_servers_removed']}, users deleted={s['users_deleted']}, "
         f"failures={s['failures']}, duration={report.duration:.2f}s"
     )
+    if used := report.concurrency:
+        spread = "fixed" if used["fixed"] else f"{used['least']} to {used['most']}"
+        line += f", in flight={used['settled']} ({spread}, ceiling {used['ceiling']})"
     return line + (f" (incomplete: {report.incomplete})" if report.incomplete else "")
 
 
@@ -3526,9 +3720,13 @@ def _check_outputs(metrics_file, pushgateway, warn_before, notify_command, state
 @click.option("--state-file", type=click.Path(dir_okay=False),
               help="Where --warn-before remembers the warnings it sent.")
 @click.option("--concurrency", type=click.IntRange(0, 1000), default=10, show_default=True,
-              help=f"Most requests in flight to the Hub at once (0: {CONCURRENCY_CEILING}).")
-@click.option("--api-page-size", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Users per page when listing (0: the Hub's default).")
+              help=f"Most requests in flight to the Hub at once (0: {CONCURRENCY_CEILING}); "
+                   "fewer while the Hub's answers show it queueing.")
+@click.option("--fixed-concurrency/--no-fixed-concurrency", default=False, show_default=True,
+              help="Always --concurrency requests in flight, however the Hub answers.")
+@click.option("--api-page-size", type=click.IntRange(min=0), default=PAGE_SIZE, show_default=True,
+              help="Users per page when listing, at most the Hub's maximum (0: the Hub's "
+                   "default).")
 @click.option("--request-timeout", type=REQUEST_TIMEOUT,
               default=lambda: os.environ.get("JUPYTERHUB_REQUEST_TIMEOUT") or 60,
               show_default="$JUPYTERHUB_REQUEST_TIMEOUT, else 60",
@@ -3584,7 +3782,7 @@ def _check_outputs(metrics_file, pushgateway, warn_before, notify_command, state
 def main(ctx, url, api_token_file, timeout, max_age, cull_every, cull_users, user_timeout,
          cull_admin_users, cull_default_servers, cull_named_servers, remove_named_servers,
          exclude_user, exclude_group, wait_for_stop, warn_before, notify_command, state_file,
-         concurrency, api_page_size, request_timeout, retries, ssl_enabled,
+         concurrency, fixed_concurrency, api_page_size, request_timeout, retries, ssl_enabled,
          internal_certs_location, ca_bundle, insecure, arbiter, clock, server_api_url,
          keep_busy_kernels, activity_source, lock_file, max_runtime, dry_run, dry_run_looks,
          as_json, metrics_file, pushgateway, log_level, log_format):
@@ -3626,8 +3824,8 @@ def main(ctx, url, api_token_file, timeout, max_age, cull_every, cull_users, use
         activity_source=activity_source,
     )
     settings = PassSettings(
-        concurrency=concurrency, page_size=api_page_size, dry_run=dry_run,
-        max_runtime=max_runtime, wait_for_stop=wait_for_stop,
+        concurrency=concurrency, fixed_concurrency=fixed_concurrency, page_size=api_page_size,
+        dry_run=dry_run, max_runtime=max_runtime, wait_for_stop=wait_for_stop,
         notify_command=tuple(shlex.split(notify_command or "")), state_file=state_file,
         report_kept=as_json, dry_run_looks=dry_run_looks,
     )

@@ -68,6 +68,10 @@ lists every token made (MintedToken: owner, server, id, secret, note, expires_in
 A path of a server that is not running is answered like the proxy and the Hub do: by the
 user's default server if it runs (404 HTML), else with a redirect to /hub/user/... (302).
 
+Latency: ``latency=S`` adds S seconds to every request, served concurrently (a Hub far away);
+with ``serial=True`` one request is served at a time (a Hub's one thread: a request waits for
+those before it, so n in flight take n times as long).
+
 Recording: ``hub.requests`` (list of Request, each with its ``received`` monotonic time),
 ``hub.counts`` (Counter by Request.kind), ``hub.peak_in_flight``, ``hub.deletes()``,
 ``hub.stops`` ((user, server) the hub actually stopped or began stopping), ``hub.removed``
@@ -122,6 +126,7 @@ generated, so that the fake never holds it whole:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import itertools
@@ -379,6 +384,7 @@ class FakeHub:
         page_default: int = 50,
         page_max: int = 200,
         latency: float = 0.0,
+        serial: bool = False,
         date_skew: float = 0.0,
         send_date: bool = True,
         date_header: str | None = None,
@@ -395,6 +401,10 @@ class FakeHub:
         self.page_default = page_default
         self.page_max = page_max
         self.latency = latency
+        # One request served at a time, as the Hub's one thread does: n in flight are answered
+        # n times slower.
+        self.serial = serial
+        self._serving = threading.Lock()
         self.date_skew = date_skew
         self.send_date = send_date
         self.date_header = date_header  # sent as it is instead of the hub's clock
@@ -1069,9 +1079,10 @@ class _Handler(BaseHTTPRequestHandler):
             hub.in_flight += 1
             hub.peak_in_flight = max(hub.peak_in_flight, hub.in_flight)
         try:
-            if hub.latency:
-                time.sleep(hub.latency)  # stands for the Hub's own work
-            self._respond(hub, req)
+            with hub._serving if hub.serial else contextlib.nullcontext():
+                if hub.latency:
+                    time.sleep(hub.latency)  # stands for the Hub's own work
+                self._respond(hub, req)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client gave up (e.g. its read timeout)
         except Exception:

@@ -219,6 +219,40 @@ def test_pagination_follows_every_page_even_short_or_empty_ones(fake_hub, page_s
     assert max(i for i, k in enumerate(kinds) if k == "list") < kinds.index("stop")
 
 
+@pytest.mark.parametrize("claimed_total", [None, 100])
+@pytest.mark.parametrize("concurrency", ["--no-fixed-concurrency", "--fixed-concurrency"])
+def test_every_idle_server_is_stopped_in_one_pass_whatever_the_paging(
+    hub_factory, concurrency, claimed_total
+):
+    # Pages smaller than asked for (the Hub's maximum, 7), short or empty (ready is applied after
+    # the page is cut, and `total` counts the pending servers), read concurrently; a `total` that
+    # claims fewer users than there are (the `next` links go on); and a list that shrinks at
+    # once as servers stop, so that offsets read after any stop would skip users.
+    hub = hub_factory(page_max=7, latency=0.005)
+    idle = set()
+    for i in range(150):
+        if i % 5 == 0:
+            servers = {"": idle_server(ready=False, pending="spawn")}
+        elif i % 3 == 0:
+            servers = {"": active_server(), "lab": idle_server()}
+            idle.add((f"u{i:03d}", "lab"))
+        elif i % 2:
+            servers = {"": idle_server()}
+            idle.add((f"u{i:03d}", ""))
+        else:
+            servers = {"": active_server()}
+        hub.add_user(f"u{i:03d}", servers=servers)
+    if claimed_total:
+        hub.add_fault(lambda r: r.kind == "list", "total", total=claimed_total)
+    result = run_cull(hub, "--api-page-size=50", concurrency, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert sorted(hub.stops) == sorted(idle) and len(hub.stops) == len(idle)
+    offsets = sorted(int(r.query.get("offset", 0)) for r in hub.requests if r.kind == "list")
+    assert offsets == list(range(0, 150, 7))
+    kinds = [r.kind for r in hub.requests]
+    assert max(i for i, k in enumerate(kinds) if k == "list") < kinds.index("stop")
+
+
 def test_users_added_during_the_listing_are_found_through_next(fake_hub):
     for i in range(4):
         fake_hub.add_user(f"u{i}", servers={"": idle_server()})

@@ -80,7 +80,10 @@ def test_max_runtime_is_a_hard_bound_and_the_pass_still_reports(fake_hub):
     idle_users(fake_hub, 4)
     fake_hub.add_fault(lambda r: r.kind == "stop", **DRIBBLE)
     began = time.monotonic()
-    proc = run_cull_subprocess(fake_hub, "--request-timeout=2", "--max-runtime=5", "--json")
+    # All four stops in flight at the deadline (adaptive, the lost answers would keep one).
+    proc = run_cull_subprocess(
+        fake_hub, "--request-timeout=2", "--max-runtime=5", "--fixed-concurrency", "--json"
+    )
     assert time.monotonic() - began < 15
     assert proc.returncode == 1, proc.stderr
     assert "summary:" in proc.stderr and "(incomplete: --max-runtime reached)" in proc.stderr
@@ -106,7 +109,7 @@ def test_an_answer_after_the_deadline_is_not_counted_as_done(fake_hub):
 def test_a_signal_mid_dribble_ends_the_pass_within_seconds_with_its_report(fake_hub, sig):
     idle_users(fake_hub, 3)
     fake_hub.add_fault(lambda r: r.kind == "stop", **DRIBBLE)
-    proc = start(fake_hub, "--json")
+    proc = start(fake_hub, "--fixed-concurrency", "--json")  # all three in flight
     try:
         wait_for(lambda: fake_hub.counts["stop"] == 3)
         time.sleep(0.5)  # the answers have begun to dribble in

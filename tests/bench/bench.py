@@ -120,7 +120,7 @@ def ours_cmd(args, url: str) -> list[str]:
     cmd += [args.python, "-m", Path(args.ours).stem]
     cmd += ["--url", url, "--concurrency", str(args.concurrency)]
     cmd += ["--timeout", str(args.timeout), "--api-page-size", str(args.page_size)]
-    return cmd
+    return cmd + shlex.split(args.ours_args)
 
 
 def other_cmd(args, culler: str, url: str) -> list[str]:
@@ -273,10 +273,13 @@ def targets(runs: list[Run], concurrency: int) -> list[tuple[bool | None, str]]:
         )
         floor = by_key.get((r.users, r.latency_ms, "floor"))
         if r.latency_ms and floor:
+            # A Hub far away and a short pass: the round trips ours takes to reach the ceiling
+            # (the floor starts there) weigh most (issue 18).
+            within = 1.10 if r.latency_ms == 50 else 1.05
             checks.append(
                 (
-                    r.wall_s <= 1.05 * floor.wall_s,
-                    f"wall within 1.05x of the floor ({where}): {r.wall_s:.2f}s vs "
+                    r.wall_s <= within * floor.wall_s,
+                    f"wall within {within:.2f}x of the floor ({where}): {r.wall_s:.2f}s vs "
                     f"{floor.wall_s:.2f}s = {r.wall_s / floor.wall_s:.3f}x",
                 )
             )
@@ -383,6 +386,9 @@ def main() -> int:
         "--cullers", default=",".join(CULLERS), help="run only some of them (looks: see above)"
     )
     parser.add_argument("--ours", default="idle_cull.py", help="e.g. a changed copy to compare")
+    parser.add_argument(
+        "--ours-args", default="", help="more options for ours, e.g. --fixed-concurrency"
+    )
     parser.add_argument(
         "--ours-prefix",
         default="",
