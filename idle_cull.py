@@ -1102,8 +1102,9 @@ class Limiter:
       fourfold until the Hub first queues (slow start: 2, 8, 32), then by one every `patience`
       round trips; `patience` grows eightfold each time one more made the Hub queue so that the
       limit fell back to 1, so that a Hub that serves one at a time is seldom tried with two.
-      Once one more does not make it queue, patience is 1 again and growth fourfold, up to one
-      short of where the Hub last queued (if that is not where it is now);
+      Once one more does not make it queue, patience is 1 again (past where it last queued:
+      there it keeps the patience it had) and growth fourfold, up to one short of where the Hub
+      last queued;
     - LIMIT_SLOW times or more: the Hub is queueing. After one round trip with one request alone
       (the fastest of a kind first seen beside others may itself have waited), the limit is
       divided by that factor: n requests in flight at a Hub that serves one at a time are
@@ -1191,11 +1192,11 @@ class Limiter:
             self._tried = False
         elif slowness <= LIMIT_FAST and in_use:
             if self._tried:
-                # One more works: quickly back to just short of where the Hub last queued, or
-                # further if this is where it queued (it was busy, or those were heavier).
-                self._patience = 1
-                if self.limit >= self._queued_at:
-                    self._queued_at = self.ceiling + 1
+                # One more works: quickly back to just short of where the Hub last queued. Where
+                # it queued, one round trip may have been a quiet moment: going on from there
+                # takes the patience it had.
+                if self.limit != self._queued_at:
+                    self._patience = 1
                 self._slow_start = self.limit + 1 < self._queued_at
             self._fast_rounds += 1
             self._tried = False

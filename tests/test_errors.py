@@ -153,7 +153,7 @@ def assert_no_connection(result, log_format: str, url: str, words: str, cause: s
         log_format,
         Last(f"{url}/", f"{words} (after 1 retry)", cause, hint),
         Retry(f"{url}/", words, cause, hint),
-        Retry(f"{url}/users?offset=0&state=ready", words, cause, hint),
+        Retry(f"{url}/users?offset=0&limit=50&state=ready", words, cause, hint),
     )
 
 

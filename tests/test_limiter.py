@@ -181,12 +181,12 @@ def test_a_hiccup_costs_no_patience_and_the_limit_is_soon_back():
     round_trip(limiter, 0.100)  # a hiccup: 8 -> alone -> 4 (not back to 1: no more patience)
     round_trip(limiter, 0.050)
     assert limiter.limit == 4
-    # Once 5 works, fourfold again, but short of 8, where the Hub queued; then one more, and
-    # once 8 works too, fourfold (up to the ceiling). Each step takes a few round trips: those
-    # sent before it are not judged, and the first one after it begins short of full.
+    # Once 5 works, fourfold again, but short of 8, where the Hub queued; then by one, each step
+    # a few round trips (those sent before it are not judged, and the first one after it
+    # begins short of full).
     seen = flow(limiter, 200, 0.050)
-    assert [n for i, n in enumerate(seen) if not i or n != seen[i - 1]] == [4, 5, 7, 8, 10]
-    assert seen.index(10) <= 20
+    assert [n for i, n in enumerate(seen) if not i or n != seen[i - 1]] == [4, 5, 7, 8, 9, 10]
+    assert seen.index(10) <= 25
 
 
 def test_a_try_that_works_makes_it_patient_no_longer():
@@ -195,6 +195,29 @@ def test_a_try_that_works_makes_it_patient_no_longer():
     assert limiter.limit == 1 and limiter._patience == 64
     seen = flow(limiter, 3000, 0.021)  # the Hub is no longer busy: the next try of two works
     assert seen[-1] == 10 and limiter._patience == 1
+
+
+def test_where_the_hub_queued_it_grows_by_one_only():
+    # On a real Hub a try of two can look fine once (its baseline measured in a busy moment):
+    # a jump from there to 8 would hold the Hub with 8 (measured: a user's p99 2.4x upstream's).
+    limiter = Limiter(10)
+    limits(limiter, 3, serial)  # queued at 2: back to 1
+    seen = flow(limiter, 400, 0.021)
+    steps = [b - a for a, b in zip(seen, seen[1:], strict=False) if b != a]
+    assert steps and set(steps) == {1}
+
+
+def test_one_quiet_round_where_the_hub_queued_is_not_taken_for_proof():
+    # A serial Hub answered a try of two as fast as one, once (a quiet moment): the limit stays
+    # at two as long as the last wait was, is shown to queue again, and never reaches three.
+    limiter = Limiter(10)
+    limits(limiter, 3, serial)  # queued at 2: back to 1, the next try after 8 round trips
+    while limiter.limit == 1:
+        round_trip(limiter, 0.021)
+    round_trip(limiter, 0.021)  # the try of two looks fine
+    assert limiter.limit == 2 and limiter._patience == 8
+    seen = limits(limiter, 10, serial)
+    assert max(seen) <= 2 and limiter.limit == 1 and limiter._patience == 64
 
 
 def test_cheap_requests_are_held_to_the_ceiling_only():
