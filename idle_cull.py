@@ -543,6 +543,12 @@ def supports_state_filter(version: object) -> bool:
     return parsed is None or parsed >= (1, 3)
 
 
+def pages_users(version: object) -> bool:
+    """JupyterHub 2.0 lists users a page at a time (?offset, ?limit, `_pagination`)."""
+    parsed = hub_version(version)
+    return parsed is None or parsed >= (2, 0)
+
+
 def has_scopes(version: object) -> bool:
     """JupyterHub 2.0 brought scopes. An unreadable version is checked as if it had them:
     a missing scope must never go unnoticed (and a Hub without scopes passes the check)."""
@@ -1756,7 +1762,7 @@ def _parse_json(body: bytes) -> object:
 def _unreadable(
     response: requests.Response, what: str, exc: _Unreadable, cls: type[HubError] | None = None
 ) -> HubError:
-    failure = Failure("unreadable", f"the answer {exc}", status=response.status_code)
+    failure = Failure("too_complex", f"the answer {exc}", status=response.status_code)
     return _failed(what, response.url, failure, cls=cls)
 
 
@@ -2015,18 +2021,18 @@ def list_user_pages(
     pool: ThreadPoolExecutor,
     gate: _Gate,
     errors: list[str],
-    first: tuple[list, dict | None] | None = None,
+    first: tuple[list, dict | None],
 ) -> Iterator[tuple[list, int | None]]:
     """(page of user models, total from the first page) as pages arrive.
 
-    Failures after the first page (`first`, when it was already fetched) go to `errors`.
-    Later pages are fetched concurrently, a few
-    more requests than workers at a time (so no worker waits for this thread), up to where the
-    Hub's pages say the list ends: the least `total` a page claimed, or a page without `next`.
-    A wild `total` costs only the pages the Hub really serves. Offsets are only stable while
-    nothing is stopped, so the caller acts after the listing.
+    Failures after the first page (`first`, already fetched) go to `errors`. Later pages are
+    fetched concurrently, a few more requests than workers at a time (so no worker waits for
+    this thread), up to where the Hub's pages say the list ends: the least `total` a page
+    claimed, or a page without `next`. A wild `total` costs only the pages the Hub really
+    serves. Offsets are only stable while nothing is stopped, so the caller acts after the
+    listing.
     """
-    items, pagination = first or client.list_users(state, 0, settings.page_size)
+    items, pagination = first
     total = pagination.get("total") if pagination else None
     yield items, total if isinstance(total, int) else None
     if pagination is None:
@@ -2043,7 +2049,7 @@ def list_user_pages(
         while len(pending) < 2 * settings.concurrency and following < end:
             if gate.why_closed():
                 break
-            pending[pool.submit(client.list_users, state, following, limit)] = following
+            pending[pool.submit(_read_page, client, state, following, limit, errors)] = following
             seen.add(following)
             following += limit
         if not pending:
@@ -2093,11 +2099,56 @@ def list_user_pages(
                 raise HubError(f"listing users: {reason}")
             seen.add(offset)
             pages += 1
-            items, page_pagination = client.list_users(state, offset, limit)
+            items, page_pagination = _read_page(client, state, offset, limit, errors)
             yield items, total
             offset = _next_offset(page_pagination or {}, client)
     except HubError as exc:
         errors.append(f"listing users (state={state}): {exc}")
+
+
+def _read_page(
+    client: HubClient, state: str | None, offset: int, limit: int, errors: list[str]
+) -> tuple[list, dict | None]:
+    """A page of users (limit 0: the Hub's default). A user sets their own `user_options` when
+    they spawn, so one user can make the page they are on too large or too dense to read: such a
+    page is read again in halves, down to that user alone, who is left out (so kept, with an
+    error in `errors`), and the others on the page get their verdicts as usual."""
+    try:
+        return client.list_users(state, offset, limit)
+    except HubError as exc:
+        if not _bloated(exc):
+            raise
+        return _in_halves(client, state, offset, limit, errors, exc)
+
+
+def _in_halves(
+    client: HubClient,
+    state: str | None,
+    offset: int,
+    limit: int,
+    errors: list[str],
+    bloated: HubError,
+) -> tuple[list, dict | None]:
+    """The page at `offset` that could not be read (`bloated`), read in two halves."""
+    if limit == 1:
+        errors.append(f"{bloated}: the user at offset {offset} is left alone this pass")
+        return [], {"offset": offset, "limit": 1, "next": {"offset": offset + 1}}
+    size = limit or PAGE_SIZE
+    items, before = _read_page(client, state, offset, size // 2, errors)
+    rest, after = _read_page(client, state, offset + size // 2, size - size // 2, errors)
+    # The whole page's pagination, as the Hub would have given it: where the list goes on (after
+    # a user left out, it may go on) and its total.
+    totals = [p["total"] for p in (before, after) if p and isinstance(p.get("total"), int)]
+    following = after.get("next") if after else None
+    pagination = {"offset": offset, "limit": size, "next": following}
+    if totals:
+        pagination["total"] = min(totals)
+    return items + rest, pagination
+
+
+def _bloated(exc: HubError) -> bool:
+    """An answer too large or too dense to read: in a page of users, one user's doing."""
+    return exc.failure is not None and exc.failure.cause in ("too_large", "too_complex")
 
 
 def _list_end(end: int, pagination: dict, offset: int, limit: int) -> int:
@@ -2238,7 +2289,8 @@ def run_pass(
                     report.errors.append(f"listing users (state={state}): not started: {reason}")
                     break
                 try:
-                    first = _first_page(client, first_page, state, settings) if not index else None
+                    asked = None if index else first_page
+                    first = _first_page(client, asked, state, settings, version, report.errors)
                     pages = list_user_pages(
                         client, state, settings, pool, gate, report.errors, first
                     )
@@ -2420,13 +2472,27 @@ def _failed_check(check: Future | None) -> HubError | None:
 
 
 def _first_page(
-    client: HubClient, asked: Future, state: str | None, settings: PassSettings
+    client: HubClient,
+    asked: Future | None,
+    state: str | None,
+    settings: PassSettings,
+    version: object,
+    errors: list[str],
 ) -> tuple[list, dict | None]:
-    """The page asked for with ?state=ready before the version was known."""
+    """The first page of the listing of `state`; `asked`: the page asked for as ?state=ready
+    before the version was known."""
     try:
-        return asked.result()
-    except HubError:
-        if state == "ready":
+        return asked.result() if asked else client.list_users(state, 0, settings.page_size)
+    except HubError as exc:
+        if _bloated(exc) and pages_users(version):
+            items, pagination = _in_halves(client, state, 0, settings.page_size, errors, exc)
+            if "total" not in pagination:
+                # No one on the first page could be read: the list's length from the next user.
+                with contextlib.suppress(HubError):
+                    probe = client.list_users(state, pagination["limit"], 1)[1] or {}
+                    pagination["total"] = probe.get("total")
+            return items, pagination
+        if asked is None or state == "ready":
             raise
         # A Hub before 1.3 ignores the filter; one that refuses it is asked again without.
         return client.list_users(state, 0, settings.page_size)

@@ -119,9 +119,9 @@ generated, so that the fake never holds it whole:
     "many"      a kernel list of count=1,000,000 kernel models (~130 bytes each)
     "deep"      depth=1,000,000 nested lists: ``[[[...]]]``
     "dicts"     ``[{},{},...]`` of size=8 MB: few bytes, millions of objects once parsed
-    "bloat"     (a listing or a user's model) user=NAME's servers carry user_options
-                ``{"pad": ...}`` of size=800 MB, fill="string" (``"aaa..."``) or "dicts"
-                (``[{},{},...]``), as a user can set through the spawn API
+    "bloat"     (a listing or a user's model) user=NAME's (or a list of names: each one's) servers
+                carry user_options ``{"pad": ...}`` of size=800 MB, fill="string" (``"aaa..."``)
+                or "dicts" (``[{},{},...]``), as a user can set through the spawn API
 """
 
 from __future__ import annotations
@@ -1229,24 +1229,33 @@ def _list_of(item: bytes, size: int) -> tuple[int, Iterator[bytes]]:
     return count * (len(item) + 1) + 1 + pad, pieces
 
 
-def _bloated(page: Any, user: str, size: int, fill: str) -> tuple[int, Iterator[bytes]]:
-    """A page (or a user's model) whose user `user` carries user_options of `size` bytes."""
+def _bloated(page: Any, user: str | list[str], size: int, fill: str) -> tuple[int, Iterator[bytes]]:
+    """A page (or a user's model) whose user `user` (or each of a list) carries user_options of
+    `size` bytes."""
+    users = [user] if isinstance(user, str) else user
     page = json.loads(json.dumps(page))  # a copy: the hub's own models stay as they are
     items = page.get("items", [page]) if isinstance(page, dict) else page
     mark = "\x00pad\x00"
     for model in items:
-        if model.get("name") == user:
+        if model.get("name") in users:
             for server_model in model.get("servers", {}).values():
                 server_model["user_options"] = {"pad": mark}
                 break
-    before, _, after = json.dumps(page).encode().partition(json.dumps(mark).encode())
-    if not after:
-        return len(before), iter([before])
-    if fill == "dicts":
-        length, pad = _list_of(b"{}", size)
-    else:
-        length, pad = size + 2, itertools.chain([b'"'], _repeat(b"a", size), [b'"'])
-    return len(before) + length + len(after), itertools.chain([before], pad, [after])
+    parts = json.dumps(page).encode().split(json.dumps(mark).encode())
+
+    def pad() -> Iterator[bytes]:
+        if fill == "dicts":
+            return _list_of(b"{}", size)[1]
+        return itertools.chain([b'"'], _repeat(b"a", size), [b'"'])
+
+    def pieces() -> Iterator[bytes]:
+        yield parts[0]
+        for part in parts[1:]:
+            yield from pad()
+            yield part
+
+    length = _list_of(b"{}", size)[0] if fill == "dicts" else size + 2
+    return sum(map(len, parts)) + length * (len(parts) - 1), pieces()
 
 
 def hostile_body(params: dict, page: Any = None) -> tuple[dict, int | None, Iterator[bytes], float]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,7 @@ import pytest
 import requests
 from conftest import REPO, TOKEN, run_cull
 from fakehub import CULLER_SCOPES, PAGINATION_MEDIA_TYPE, FakeHub, iso, kernel, server
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from idle_cull import HUB_BYTES, LOOK_BYTES, LOOK_ITEMS
@@ -214,7 +215,7 @@ def page_hub() -> FakeHub:
         ("dicts", HUB_BYTES - 200_000, "JSON values"),  # the page stays under the cap
     ],
 )
-def test_a_bloated_hub_page_is_a_failed_page_and_no_more(fill, size, said):
+def test_a_user_who_bloats_their_page_costs_only_themselves_a_verdict(fill, size, said):
     normal = normal_pass("pages", page_hub, page_args)
     hub = page_hub()
     try:
@@ -226,13 +227,17 @@ def test_a_bloated_hub_page_is_a_failed_page_and_no_more(fill, size, said):
 
     print(f"bloated page ({fill}): peak RSS {hostile.rss_mb:.1f} MB "
           f"(normal {normal.rss_mb:.1f} MB), {hostile.wall:.2f} s")  # fmt: skip
-    # The page Mallory is on failed: its users are kept (unseen), everyone else's are stopped.
-    assert stops(hub) == set(USERS) - SECOND_PAGE
+    # The page Mallory is on is read again in halves, down to Mallory alone: only Mallory is
+    # kept (unseen), everyone else's idle server is stopped in this same pass.
+    assert stops(hub) == set(USERS) - {MALLORY}
     assert hostile.wall < MAX_RUNTIME
     assert hostile.rss_mb <= normal.rss_mb + RSS_MARGIN_MB, (hostile.rss_mb, normal.rss_mb)
     assert hostile.code == 1, hostile.stderr
     [error] = hostile.report["errors"]
-    assert "offset=50" in error and said in error
+    assert "offset=75" in error and said in error
+    assert error.endswith("the user at offset 75 is left alone this pass")
+    # 3 pages, then halves down to one user: 2 more requests for each halving (50 -> 1: 6).
+    assert hub.counts["list"] <= 3 + 2 * 6, hub.counts
 
 
 def test_a_hub_page_is_read_up_to_its_cap_exactly(hub_factory):
@@ -255,9 +260,47 @@ def test_a_hub_page_is_read_up_to_its_cap_exactly(hub_factory):
     fault.params["size"] += 1
     hub.faults.append(fault)
     over = run_cull(hub, "--json")
-    assert over.exit_code == 3, over.stderr  # the first page: nothing is known, nothing stopped
-    assert f"is over {HUB_BYTES // 1024**2} MiB" in over.json["errors"][0]
+    # One byte more is not read: the page is asked for again in halves, until "limit": 6 makes
+    # it a byte shorter (the same three users) and it is read.
+    assert [r.query.get("limit") for r in hub.requests if r.kind == "list"] == [
+        "50",
+        "25",
+        "12",
+        "6",
+        "6",
+        "13",
+        "25",
+    ]
+    assert over.exit_code == 0, over.stderr
+    assert stops(hub) == set(USERS[:3])
+
+
+@pytest.mark.parametrize("page_size", ["0", "1", "7", "200"])
+def test_a_bloated_user_on_the_first_page_is_left_out_at_any_page_size(hub_factory, page_size):
+    hub = hub_factory()
+    for name in USERS[:20]:
+        hub.add_user(name, servers={"": server(last_activity=IDLE)})
+    # The first and the last user: the list's end is known only from the pages around them.
+    hub.add_fault(lambda r: r.kind == "list", "hostile", shape="bloat",
+                  user=[USERS[0], USERS[19]], fill="dicts", size=100_000)  # fmt: skip
+    result = run_cull(hub, "--json", f"--api-page-size={page_size}")
+    assert result.exit_code == 1, result.stderr
+    assert stops(hub) == set(USERS[1:19])
+    assert sorted(e.split(": ")[-1] for e in result.json["errors"]) == [
+        f"the user at offset {n} is left alone this pass" for n in (0, 19)
+    ]
+
+
+def test_a_hub_before_2_0_that_answers_too_much_is_not_asked_again_in_halves(hub_factory):
+    hub = hub_factory(version="1.5.0", paginate=False, scopes=None)
+    for name in USERS[:3]:
+        hub.add_user(name, servers={"": server(last_activity=IDLE)})
+    hub.add_fault(lambda r: r.kind == "list", "hostile", shape="bloat", user=USERS[1],
+                  size=HUB_BYTES)  # fmt: skip
+    result = run_cull(hub, "--json")
+    assert result.exit_code == 3, result.stderr  # everyone at once: nothing is known
     assert hub.deletes() == []
+    assert hub.counts["list"] == 1
 
 
 # ---- cut points, encodings and shapes ----------------------------------------------------------
@@ -352,3 +395,25 @@ def test_more_kernels_than_the_cap_is_a_failed_look(hub_factory):
     assert hub.stops == []
     error = result.json["kept"][0]["inside"]["error"]
     assert f"the kernel list has {LOOK_ITEMS + 1} kernels, more than {LOOK_ITEMS}" in error
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(bloated=st.sets(st.integers(0, 29), max_size=6), page_size=st.integers(0, 12))
+@example(bloated={0, 1}, page_size=2)  # the whole first page: its total from the next user
+def test_bloated_users_anywhere_cost_only_themselves_a_verdict(hub_factory, bloated, page_size):
+    # Not when the whole first page and the user after it are bloated: nothing tells the
+    # list's length, so nothing after it is listed (exit 1).
+    assume(not page_size or not set(range(page_size + 1)) <= bloated)
+    hub = hub_factory()
+    for name in USERS[:30]:
+        hub.add_user(name, servers={"": server(last_activity=IDLE)})
+    if bloated:
+        hub.add_fault(lambda r: r.kind == "list", "hostile", shape="bloat",
+                      user=[USERS[n] for n in bloated], fill="dicts", size=20_000)  # fmt: skip
+    result = run_cull(hub, "--json", f"--api-page-size={page_size}")
+    assert result.exit_code == (1 if bloated else 0), result.stderr
+    assert stops(hub) == {USERS[n] for n in range(30) if n not in bloated}
+    left_alone = [re.search(r"the user at offset (\d+) is left alone this pass$", error)
+                  for error in result.json["errors"]]  # fmt: skip
+    assert sorted(int(match[1]) for match in left_alone) == sorted(bloated)
