@@ -246,14 +246,15 @@ DEEP_ERROR = b'{"status": 500, "message": ' + DEEP + b"}"
 @pytest.mark.parametrize(
     "match, fault, lost, reported",
     [
-        (page(3), {"kind": "malformed", "body": DEEP_PAGE}, PAGE_3, "offset=3"),
+        # Read again in halves, down to the user at offset 3 alone.
+        (page(3), {"kind": "malformed", "body": DEEP_PAGE}, {("idle3", "")}, "offset=3"),
         (page(3), {"kind": "status", "code": 400, "body": DEEP_ERROR}, PAGE_3, "offset=3"),
         (stop_of("idle1"), {"kind": "status", "code": 500, "body": DEEP_ERROR}, {("idle1", "")},
          "idle1"),
     ],
     ids=["page", "page error body", "stop error body"],
 )  # fmt: skip
-def test_json_nested_too_deep_costs_only_its_own_page_or_server(
+def test_json_nested_too_deep_costs_only_its_own_user_page_or_server(
     fake_hub, match, fault, lost, reported
 ):
     populate(fake_hub)
@@ -265,13 +266,14 @@ def test_json_nested_too_deep_costs_only_its_own_page_or_server(
     assert any(reported in error for error in errors), errors
 
 
-def test_a_first_page_nested_too_deep_is_one_line_and_exit_3(fake_hub):
+def test_a_first_page_nested_too_deep_costs_only_its_first_user(fake_hub):
     populate(fake_hub)
     fake_hub.add_fault(page(0), "malformed", body=DEEP_PAGE)
     result = run_cull(fake_hub, *ARGS)
-    assert result.exit_code == 3
-    assert "nested too deep" in result.json["errors"][0]
-    assert fake_hub.deletes() == []
+    assert result.exit_code == 1, result.stderr
+    [error] = result.json["errors"]
+    assert "nested too deep" in error and error.endswith("offset 0 is left alone this pass")
+    assert set(fake_hub.stops) == EXPECTED - {("idle0", "")}
 
 
 # ---- item 10: a wild `total` ----------------------------------------------------------------
