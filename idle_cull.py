@@ -1091,9 +1091,18 @@ class _CappedRetry(Retry):
 # kind or less shows a Hub that is not queueing; LIMIT_SLOW times or more, one that is.
 LIMIT_FAST = 1.25
 LIMIT_SLOW = 1.5
-LIMIT_START = 2  # the first round trip tries two at once (pages 2 and 3, say)
-SLOW_START = 4  # until the Hub first queues, the limit is multiplied by this each round trip
-PATIENCE_GROWTH = 8  # after each try of two that made the Hub queue, wait 8 times longer
+# The first request goes alone (the first page tells how many there are); then two. Until the
+# Hub first queues, the limit is multiplied by SLOW_START each round (2, 8, 32).
+LIMIT_START = 1
+SLOW_START = 4
+# After a try of two that made the Hub queue, the next try waits PATIENCE_FIRST rounds (a busy
+# moment passes; and the listing's pages, which cost the Hub twice what a stop does, are mostly
+# read by then), then each one PATIENCE_GROWTH times as many: a Hub that twice served two no
+# faster than one serves one at a time, and each try costs its users one request's wait (a pass
+# of 500 stops: tried twice, once at the start; with eightfold waits, three times, and a user's
+# p99 was up to 2.2x upstream's).
+PATIENCE_FIRST = 32
+PATIENCE_GROWTH = 512
 
 
 class Limiter:
@@ -1103,11 +1112,13 @@ class Limiter:
     queue, in front of its users' own clicks, and are answered no sooner. Each answer is compared
     with the fastest of its kind (the same request and status, so that a page of users is never
     compared with a stop; the first of a kind is not judged), and the limit is judged once per
-    round trip, when as many answers to requests sent under it as it allows have come:
+    round: the first `limit` requests sent after the last verdict, once all of them are answered
+    (or more than half of them slow):
     - their upper median within LIMIT_FAST times the fastest, the limit in use: it grows,
-      fourfold until the Hub first queues (slow start: 2, 8, 32), then by one every `patience`
-      round trips; `patience` grows eightfold each time one more made the Hub queue so that the
-      limit fell back to 1, so that a Hub that serves one at a time is seldom tried with two.
+      fourfold until the Hub first queues (slow start: the first request alone, then 2, 8, 32),
+      then by one every `patience` rounds; `patience` is 32 once one more made the Hub queue so
+      that the limit fell back to 1, and 512 times as long after each next such try, so that a
+      Hub that serves one at a time is tried with two twice in a pass of thousands of requests.
       Once one more does not make it queue, patience is 1 again (past where it last queued:
       there it keeps the patience it had) and growth fourfold, up to one short of where the Hub
       last queued;
@@ -1128,16 +1139,21 @@ class Limiter:
         self.cheap_in_flight = 0
         self.sent_under: dict[int, int] = {}  # requests sent under each limit
         self._fastest: dict[object, float] = {}
-        self._round = 0  # only answers to requests sent this round are judged
+        # A round is the first `limit` requests sent after the last verdict; only they are judged,
+        # and only once all of them are answered: on a real Hub a page sent later can overtake
+        # one that waits, and judging the first answers to come would miss the one that waited.
+        self._round = 0
+        self._members = 0  # requests sent in this round
+        self._answered = 0  # of them, answered
         self._ratios: list[float] = []  # this round's answers, over the fastest of their kind
-        # How many were in flight when each of them was sent: only answers to requests sent with
-        # the limit full show that it does not make the Hub queue (two sent one after the other
-        # need not wait for each other).
+        # How many were in flight when each of them was sent: only a round whose requests were
+        # in flight together shows that the limit does not make the Hub queue (two sent one
+        # after the other need not wait for each other).
         self._sent_with: list[int] = []
         self._slow_start = True
         self._fast_rounds = 0
         self._patience = 1
-        self._tried = True  # the limit is one not yet judged (the start: 2)
+        self._tried = True  # the limit is one not yet judged (the start)
         self._resume = 0  # the limit to go back to after a round alone
         self._queued_at = ceiling + 1  # the limit under which the Hub last queued
 
@@ -1145,43 +1161,66 @@ class Limiter:
         within = self.in_flight + self.cheap_in_flight < self.ceiling
         return within and (cheap or self.in_flight < self.limit)
 
-    def sent(self, cheap: bool = False) -> tuple[int, int] | None:
+    def sent(self, cheap: bool = False) -> int | None:
         """A request is sent: its ticket, to be given back with its answer."""
         if cheap:
             self.cheap_in_flight += 1
             return None
         self.in_flight += 1
         self.sent_under[self.limit] = self.sent_under.get(self.limit, 0) + 1
-        return self._round, self.in_flight
+        if self._members == self.limit:
+            return -1  # past this round's members: not judged
+        self._members += 1
+        self._sent_with.append(self.in_flight)
+        return self._round
 
-    def answered(self, ticket: tuple[int, int] | None, kind: object, seconds: float | None):
+    def answered(self, ticket: int | None, kind: object, seconds: float | None):
         """The answer to a request of `kind` came after `seconds` (math.inf: it was lost; None:
         the request was cut short and says nothing about the Hub)."""
         if ticket is None:
             self.cheap_in_flight -= 1
             return
         self.in_flight -= 1
-        if self.fixed or seconds is None:
+        if self.fixed:
             return
-        ratio = math.inf
-        if seconds < math.inf:
-            fastest = self._fastest.get(kind)
-            self._fastest[kind] = seconds if fastest is None else min(fastest, seconds)
-            if fastest is None:
-                return
-            ratio = seconds / self._fastest[kind] if self._fastest[kind] > 0 else 1.0
-        sent_in, sent_with = ticket
-        if sent_in != self._round:
-            return  # sent under another limit
-        self._ratios.append(ratio)
-        self._sent_with.append(sent_with)
-        if len(self._ratios) < self.limit:
+        ratio = None if seconds is None else self._ratio(kind, seconds)
+        if ticket != self._round:
+            return  # sent before the last verdict, or past this round's members
+        self._answered += 1
+        if ratio is not None:
+            self._ratios.append(ratio)
+        # More than half of them slow decides it before the rest have come: they would only have
+        # kept more of ours in the Hub's queue.
+        slow = sum(each >= LIMIT_SLOW for each in self._ratios)
+        if self._answered < self.limit and slow < self.limit - self.limit // 2:
             return
-        slowness = sorted(self._ratios)[len(self._ratios) // 2]
-        # Slow start takes a round trip that used half the limit (as TCP's does); a try of one
-        # more, one that kept it full all along.
+        if self._ratios:
+            self._judge(sorted(self._ratios)[len(self._ratios) // 2])
+        elif self.limit == 1 and self._slow_start:
+            # The pass's first request went alone and was the first of its kind: it shows
+            # nothing, and so nothing against two.
+            self.limit = min(2, self.ceiling)
+        self._round += 1
+        self._members = self._answered = 0
+        self._ratios, self._sent_with = [], []
+
+    def _ratio(self, kind: object, seconds: float) -> float | None:
+        """`seconds` over the fastest answer of `kind` so far; None for the first of its kind."""
+        if seconds == math.inf:
+            return math.inf
+        fastest = self._fastest.get(kind)
+        self._fastest[kind] = seconds if fastest is None else min(fastest, seconds)
+        if fastest is None:
+            return None
+        return seconds / self._fastest[kind] if self._fastest[kind] > 0 else 1.0
+
+    def _judge(self, slowness: float) -> None:
+        # Growth takes a round that used the limit: in slow start, one of its requests was sent
+        # with half of it in flight, and at least two (one alone shows nothing about two); for
+        # a try of one more, all of them with it full.
         if self._slow_start:
-            in_use = 2 * max(self._sent_with) >= self.limit
+            most = max(self._sent_with)
+            in_use = 2 * most >= self.limit and most >= min(2, self.limit)
         else:
             in_use = min(self._sent_with) >= self.limit
         if self._resume:
@@ -1194,7 +1233,9 @@ class Limiter:
             self.limit = 1
             self._slow_start, self._fast_rounds = False, 0
             if self._tried and self._resume == 1:
-                self._patience *= PATIENCE_GROWTH  # the Hub takes only one at a time
+                self._patience = (
+                    PATIENCE_GROWTH * self._patience if self._patience > 1 else PATIENCE_FIRST
+                )
             self._tried = False
         elif slowness <= LIMIT_FAST and in_use:
             if self._tried:
@@ -1215,8 +1256,6 @@ class Limiter:
                 else:
                     self.limit = min(self.ceiling, self.limit + 1)
                 self._fast_rounds, self._tried = 0, True
-        self._round += 1
-        self._ratios, self._sent_with = [], []
 
     def used(self) -> dict:
         """For the report: the limit most requests were sent under, and the least and most."""

@@ -142,6 +142,18 @@ class Probe(threading.Thread):
         inside = [(s, status) for at, s, status in self.samples if start <= at < end]
         return [s * 1000 for s, _ in inside], sum(status != 200 for _, status in inside)
 
+    def write(self, path: Path, start: float, end: float) -> None:
+        """The requests sent in [start, end), a line each: when (Unix time, as the culler's log
+        says it), how long (ms), the status; the slowest beside the culler's log say what it was
+        doing then."""
+        shift = time.time() - time.monotonic()
+        lines = [
+            f"{at + shift:.3f} {seconds * 1000:.1f} {status}\n"
+            for at, seconds, status in self.samples
+            if start <= at < end
+        ]
+        path.write_text("".join(lines))
+
 
 @dataclass
 class Pass:
@@ -319,6 +331,7 @@ class Bench:
         rate = (pass_cpu - base_cpu) / (pass_start - base_start)
         base_ms, _ = probe.window(base_start, pass_start)
         pass_ms, errors = probe.window(pass_start, pass_end)
+        probe.write(self.workdir / f"{culler}-{pair}.probe", pass_start, pass_end)
         who = GENERATED_TOKEN_USER if token == self.tokens.get("generated") else "idle-culler"
         request_ms = [float(m) for m in re.findall(rf"\({who}@[^)]*\) ([0-9.]+)ms", hub_log)]
         ready_after, _ = self.servers()
